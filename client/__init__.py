@@ -1,0 +1,1 @@
+"""Client role: the Flower ClientApp, local adapter training, update encoding."""

@@ -1,0 +1,1 @@
+"""Edge role: export, runtimes, the edge agent, forward-only sample selection."""

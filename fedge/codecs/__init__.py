@@ -1,0 +1,1 @@
+"""Update codecs: composable select -> quantize -> code stages with exact size accounts."""

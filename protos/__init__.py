@@ -1,0 +1,1 @@
+"""The wire contract: generated protobuf/gRPC modules (see protos/*.proto)."""

@@ -1,0 +1,1 @@
+"""Simulation role: scenarios (data, partitions, device profiles), network model, benchmarks."""
