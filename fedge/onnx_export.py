@@ -1,0 +1,324 @@
+"""Model -> verified ONNX bytes (fp32, INT8, FP16), and weight-only updates between two exports.
+
+This is core rather than edge code because the server (the registry publishes
+what it exports), the deployment orchestrator and the edge all need it, and
+roles never import each other. `fedge.edge.export` is the command-level wrapper.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+MAX_BATCH = 4096
+
+
+class ExportError(RuntimeError):
+    """The exported graph is invalid or does not reproduce the PyTorch model."""
+
+
+def merged_fp32(model: nn.Module) -> nn.Module:
+    """An fp32 eval copy with any peft LoRA adapters folded into the base weights; `model` is untouched."""
+    clone = copy.deepcopy(model)
+    if hasattr(clone, "merge_and_unload"):  # peft.PeftModel, without importing peft for plain models
+        clone = clone.merge_and_unload()
+    return clone.float().eval().cpu()
+
+
+def to_onnx(model: nn.Module, example: torch.Tensor, *, max_batch: int = MAX_BATCH, opset: int | None = None) -> bytes:
+    """Export with torch's dynamo exporter; dim 0 of the input is a symbolic batch dimension."""
+    model = merged_fp32(model)
+    example = example.float().cpu()
+    if example.shape[0] < 2:  # a batch of 1 lets the tracer specialise the dim away
+        example = example.repeat(2, *([1] * (example.dim() - 1)))
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    with warnings.catch_warnings(), _quiet_loggers("torch.onnx", "torch.export", "torch._dynamo"):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, dynamic_shapes=({0: batch},), input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME], opset_version=opset, verbose=False,
+        )
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    proto = program.model_proto
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()
+
+
+def session(onnx_bytes: bytes, providers: list[str] | None = None, threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(onnx_bytes, options, providers=providers or ["CPUExecutionProvider"])
+
+
+def run_onnx(onnx_bytes: bytes | ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    sess = onnx_bytes if isinstance(onnx_bytes, ort.InferenceSession) else session(onnx_bytes)
+    name = sess.get_inputs()[0].name
+    outs = [sess.run(None, {name: x[i : i + batch_size].astype(np.float32, copy=False)})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs).astype(np.float32, copy=False)
+
+
+def max_abs_diff_vs_torch(onnx_bytes: bytes, model: nn.Module, x: torch.Tensor) -> float:
+    """Max |ONNX Runtime - PyTorch| on a held-out batch: the export's correctness in one number."""
+    reference = merged_fp32(model)
+    with torch.no_grad():
+        expected = reference(x.float()).numpy()
+    return float(np.abs(run_onnx(onnx_bytes, x.numpy()) - expected).max())
+
+
+def accuracy(onnx_bytes: bytes, x: np.ndarray, y: np.ndarray) -> float:
+    return float((run_onnx(onnx_bytes, x).argmax(1) == y).mean()) if len(y) else 0.0
+
+
+# ---- INT8 ---------------------------------------------------------------------------
+
+
+def quantize_int8_dynamic(onnx_bytes: bytes) -> bytes:
+    """INT8 weights, activations quantized per batch at run time: no calibration data, no accuracy lost on DigitsCNN.
+
+    The default for ONNX Runtime edges. Its ConvInteger/DynamicQuantizeLinear
+    nodes do not build in TensorRT; use `quantize_int8_qdq` for those devices.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet_loggers("root"):
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(onnx_bytes)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False)
+        out = dst.read_bytes()
+    onnx.checker.check_model(onnx.load_from_string(out))
+    return out
+
+
+def quantize_int8_qdq(onnx_bytes: bytes, calibration: np.ndarray, batch_size: int = 32) -> bytes:
+    """Static INT8 in QDQ form: per-channel weights, symmetric activations, min-max calibration on real inputs.
+
+    QDQ with symmetric (zero-point 0) scales is what TensorRT's explicit
+    quantization consumes, so the same INT8 artifact serves ONNX Runtime and a
+    strongly typed TensorRT network; dynamic quantization's ConvInteger and
+    DynamicQuantizeLinear would not build there.
+    """
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    if len(calibration) == 0:
+        raise ValueError("INT8 calibration needs at least one input sample")
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches: Iterator[dict[str, np.ndarray]] = iter(
+                {INPUT_NAME: calibration[i : i + batch_size].astype(np.float32)} for i in range(0, len(calibration), batch_size)
+            )
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet_loggers("root"):
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(onnx_bytes)
+        quantize_static(
+            str(src), str(dst), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
+        out = dst.read_bytes()
+    onnx.checker.check_model(onnx.load_from_string(out))
+    return out
+
+
+# ---- FP16 ---------------------------------------------------------------------------
+
+
+def to_fp16(onnx_bytes: bytes) -> bytes:
+    """FP16 weights and compute with fp32 inputs/outputs, so callers need not change dtypes."""
+    from onnxruntime.transformers import float16
+
+    model = onnx.load_from_string(onnx_bytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = float16.convert_float_to_float16(model, keep_io_types=True)
+    _topological_sort(converted.graph)  # the converter appends its I/O casts after their consumers
+    onnx.checker.check_model(converted)
+    return converted.SerializeToString()
+
+
+def _topological_sort(graph: onnx.GraphProto) -> None:
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ExportError("graph has a cycle or an undefined input")
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        pending = [n for n in pending if n not in ready]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+# ---- weight-only updates ---------------------------------------------------------------
+
+
+def initializers(onnx_bytes: bytes) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(onnx_bytes).graph.initializer}
+
+
+def changed_initializers(old: bytes, new: bytes, atol: float = 0.0) -> dict[str, np.ndarray]:
+    """Initializers of `new` that differ from `old`: the payload of a weight-only (refit) update.
+
+    Raises if the graphs differ in anything but weights, since then a refit is not possible.
+    """
+    a, b = initializers(old), initializers(new)
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape or a[k].dtype != b[k].dtype for k in a):
+        raise ExportError("the two exports differ in their initializers' names, shapes or dtypes; rebuild, do not refit")
+    if _graph_signature(old) != _graph_signature(new):
+        raise ExportError("the two exports differ in graph structure; rebuild, do not refit")
+    return {k: b[k] for k in b if not np.allclose(a[k], b[k], rtol=0.0, atol=atol)}
+
+
+def apply_initializers(onnx_bytes: bytes, changes: dict[str, np.ndarray]) -> bytes:
+    model = onnx.load_from_string(onnx_bytes)
+    by_name = {t.name: t for t in model.graph.initializer}
+    missing = set(changes) - set(by_name)
+    if missing:
+        raise ExportError(f"weight update names unknown initializers: {sorted(missing)[:5]}")
+    for name, array in changes.items():
+        by_name[name].CopyFrom(numpy_helper.from_array(array, name))
+    return model.SerializeToString()
+
+
+def encode_weights(changes: dict[str, np.ndarray]) -> bytes:
+    from safetensors.numpy import save
+
+    return save({k: np.ascontiguousarray(v) for k, v in changes.items()})
+
+
+def decode_weights(payload: bytes) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load
+
+    return dict(load(payload))
+
+
+def _graph_signature(onnx_bytes: bytes) -> bytes:
+    model = onnx.load_from_string(onnx_bytes)
+    del model.graph.initializer[:]
+    return model.SerializeToString()
+
+
+# ---- the whole export ---------------------------------------------------------------------
+
+
+@dataclass
+class ExportResult:
+    """fp32/INT8/FP16 bytes and the checks that go into the artifact's signed metadata."""
+
+    fp32: bytes
+    int8: bytes | None
+    fp16: bytes | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def export_model(
+    model: nn.Module,
+    eval_x: torch.Tensor,
+    eval_y: torch.Tensor | None = None,
+    *,
+    calibration_x: torch.Tensor | None = None,
+    int8: bool = True,
+    int8_mode: str = "dynamic",
+    fp16: bool = True,
+    tolerance: float = 1e-4,
+    architecture: str = "",
+) -> ExportResult:
+    """Merge, export, check, compare with PyTorch, then derive INT8 and FP16 variants with their accuracy.
+
+    `eval_x`/`eval_y` are held out (never used for calibration); `calibration_x`
+    defaults to `eval_x` only when nothing else is given. `int8_mode` is
+    "dynamic" (ONNX Runtime edges) or "qdq" (static, calibrated; TensorRT edges).
+    """
+    if int8_mode not in ("dynamic", "qdq"):
+        raise ValueError(f"int8_mode must be 'dynamic' or 'qdq', not {int8_mode!r}")
+    start = time.perf_counter()
+    fp32 = to_onnx(model, eval_x[:2])
+    diff = max_abs_diff_vs_torch(fp32, model, eval_x)
+    if not diff <= tolerance:
+        raise ExportError(f"ONNX Runtime output differs from PyTorch by {diff:.3g} (> {tolerance:g})")
+    meta: dict[str, Any] = {
+        "architecture": architecture,
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "input_shape": ["batch", *map(int, eval_x.shape[1:])],
+        "max_abs_diff_vs_torch": diff,
+        "eval_samples": int(len(eval_x)),
+        "torch_version": torch.__version__,
+        "onnx_opset": next((o.version for o in onnx.load_from_string(fp32).opset_import if o.domain in ("", "ai.onnx")), 0),
+    }
+    x_np = eval_x.float().numpy()
+    y_np = eval_y.numpy() if eval_y is not None else None
+    if y_np is not None:
+        meta["fp32_accuracy"] = accuracy(fp32, x_np, y_np)
+    int8_bytes = fp16_bytes = None
+    if int8:
+        if int8_mode == "qdq":
+            calib = (calibration_x if calibration_x is not None else eval_x).float().numpy()
+            int8_bytes = quantize_int8_qdq(fp32, calib)
+        else:
+            int8_bytes = quantize_int8_dynamic(fp32)
+        meta["int8_mode"] = int8_mode
+        meta["int8_bytes"] = len(int8_bytes)
+        meta["int8_bytes_ratio"] = len(int8_bytes) / len(fp32)
+        meta["int8_max_abs_diff_vs_fp32"] = float(np.abs(run_onnx(int8_bytes, x_np) - run_onnx(fp32, x_np)).max())
+        if y_np is not None:
+            meta["int8_accuracy"] = accuracy(int8_bytes, x_np, y_np)
+            meta["int8_accuracy_delta"] = meta["int8_accuracy"] - meta["fp32_accuracy"]
+    if fp16:
+        fp16_bytes = to_fp16(fp32)
+        meta["fp16_bytes"] = len(fp16_bytes)
+        meta["fp16_max_abs_diff_vs_fp32"] = float(np.abs(run_onnx(fp16_bytes, x_np) - run_onnx(fp32, x_np)).max())
+        if y_np is not None:
+            meta["fp16_accuracy"] = accuracy(fp16_bytes, x_np, y_np)
+    meta["export_seconds"] = time.perf_counter() - start
+    return ExportResult(fp32=fp32, int8=int8_bytes, fp16=fp16_bytes, metadata=meta)
+
+
+class _quiet_loggers:
+    """Silence chatty library loggers (the exporter and quantizer warn on every call) for one block."""
+
+    def __init__(self, *names: str) -> None:
+        self._loggers = [logging.getLogger(n) for n in names]
+        self._levels: list[int] = []
+
+    def __enter__(self) -> None:
+        self._levels = [lg.level for lg in self._loggers]
+        for lg in self._loggers:
+            lg.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        for lg, level in zip(self._loggers, self._levels):
+            lg.setLevel(level)
+
+
+__all__ = [
+    "ExportError", "ExportResult", "INPUT_NAME", "OUTPUT_NAME", "accuracy", "apply_initializers", "changed_initializers",
+    "decode_weights", "encode_weights", "export_model", "initializers", "max_abs_diff_vs_torch", "merged_fp32",
+    "quantize_int8_dynamic", "quantize_int8_qdq", "run_onnx", "session", "to_fp16", "to_onnx",
+]
