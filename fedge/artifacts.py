@@ -7,6 +7,7 @@ imports the other.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -52,12 +53,12 @@ class Manifest:
     metadata: dict[str, Any] = field(default_factory=dict)
     schema: int = MANIFEST_SCHEMA
 
-    def canonical(self) -> bytes:
+    def canonical(self) -> builtins.bytes:
         """Deterministic JSON (sorted keys, no whitespace): the exact bytes that are signed."""
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
     @classmethod
-    def parse(cls, data: bytes) -> Manifest:
+    def parse(cls, data: builtins.bytes) -> Manifest:
         try:
             raw = json.loads(data.decode())
             manifest = cls(

@@ -1,0 +1,91 @@
+"""Pick and load the fastest runtime a device has: TensorRT, ONNX Runtime on TensorRT/CUDA, or ONNX Runtime CPU.
+
+The agent reports the chosen name (e.g. "onnxruntime-cpu") in its profile and
+telemetry, so the fleet's state says what each device actually runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+RUNTIMES = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+_ORT_PROVIDERS = {
+    "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    "onnxruntime-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "onnxruntime-cpu": ["CPUExecutionProvider"],
+}
+
+
+class Model(Protocol):
+    """A loaded, servable model: float32 batch in, float32 logits out."""
+
+    runtime: str
+
+    def predict(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def tensorrt_usable() -> bool:
+    """TensorRT's real bindings (not the type stubs, which also import as `tensorrt`) and a CUDA GPU."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return False
+    import tensorrt
+
+    if not hasattr(tensorrt, "Builder"):
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def choose_runtime(preferred: str | None = None) -> str:
+    """The best runtime present here, or `preferred` if it is present (clear error if it is not)."""
+    providers = set(ort.get_available_providers())
+    present = ["tensorrt"] if tensorrt_usable() else []
+    if "TensorrtExecutionProvider" in providers:
+        present.append("onnxruntime-tensorrt")
+    if "CUDAExecutionProvider" in providers:
+        present.append("onnxruntime-cuda")
+    present.append("onnxruntime-cpu")
+    if preferred:
+        if preferred not in RUNTIMES:
+            raise ValueError(f"unknown runtime {preferred!r}; known: {RUNTIMES}")
+        if preferred not in present:
+            raise RuntimeError(f"runtime {preferred!r} is not available on this device; available: {present}")
+        return preferred
+    return present[0]
+
+
+class OnnxRuntimeModel:
+    """An ONNX Runtime session; `run` is thread-safe, so the serving loop and canary may share it."""
+
+    def __init__(self, onnx_bytes: bytes, runtime: str = "onnxruntime-cpu", threads: int = 0) -> None:
+        if runtime not in _ORT_PROVIDERS:
+            raise ValueError(f"{runtime!r} is not an ONNX Runtime runtime")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        self.runtime = runtime
+        self.session = ort.InferenceSession(onnx_bytes, options, providers=_ORT_PROVIDERS[runtime])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return np.asarray(out, dtype=np.float32)
+
+
+def load_model(onnx_bytes: bytes, runtime: str | None = None, threads: int = 0) -> Model:
+    """Build a servable model from ONNX bytes on the chosen runtime (TensorRT builds an engine here)."""
+    runtime = runtime or choose_runtime()
+    if runtime == "tensorrt":
+        from fedge.edge.tensorrt_engine import TensorRTModel
+
+        return TensorRTModel.from_onnx(onnx_bytes)
+    return OnnxRuntimeModel(onnx_bytes, runtime, threads)

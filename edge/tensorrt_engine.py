@@ -1,0 +1,197 @@
+"""TensorRT engines built on the device from the registry's ONNX, refitted in place when only weights change.
+
+Engines are specific to a GPU and a TensorRT version, so devices build their
+own. TensorRT 10 and 11 differ in one place, `_network_flags_and_precision`:
+10 builds a weakly typed network and takes precision from builder flags
+(FP16/INT8); 11 only builds strongly typed networks, whose precision comes from
+the ONNX itself (fp16 tensors, Q/DQ nodes), so it gets no precision flags.
+
+`tensorrt` (and `torch` with CUDA, for device buffers) are imported lazily: the
+module imports without them, and `available()` says whether it can run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class TensorRTError(RuntimeError):
+    """Parsing, building, refitting or running an engine failed; the message carries TensorRT's errors."""
+
+
+def available() -> tuple[bool, str]:
+    """(usable, reason): the real TensorRT bindings (the type stubs also import as `tensorrt`) and a CUDA GPU."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return False, "TensorRT is not installed"
+    import tensorrt
+
+    if not hasattr(tensorrt, "Builder"):
+        return False, "only TensorRT type stubs are installed, not the TensorRT runtime"
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is needed for CUDA device buffers"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU"
+    return True, f"TensorRT {tensorrt.__version__}"
+
+
+def _require() -> None:
+    ok, reason = available()
+    if not ok:
+        raise TensorRTError(f"TensorRT cannot run here: {reason}")
+
+
+def major_version() -> int:
+    import tensorrt as trt
+
+    return int(str(trt.__version__).split(".")[0])
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """The dynamic batch range the engine serves (an optimization profile's min/opt/max)."""
+
+    min: int = 1
+    opt: int = 32
+    max: int = 256
+
+
+def _network_flags_and_precision(precision: str, major: int) -> tuple[int, list[trt.BuilderFlag]]:
+    """The only TensorRT-version-specific code: (network creation flags, builder precision flags)."""
+    import tensorrt as trt
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if major >= 11:
+        # Strongly typed only; the flag may be implicit (and removed) in later releases.
+        strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        flags = (1 << int(strongly_typed)) if strongly_typed is not None else 0
+        return flags, []  # precision is whatever the ONNX's tensor types and Q/DQ nodes say
+    precision_flags = {"fp32": [], "fp16": [trt.BuilderFlag.FP16],
+                       "int8": [trt.BuilderFlag.INT8, trt.BuilderFlag.FP16]}[precision]
+    return 0, precision_flags
+
+
+def _parser_errors(parser: trt.OnnxParser | trt.OnnxParserRefitter) -> str:
+    return "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "no detail"
+
+
+def build_engine(
+    onnx_bytes: bytes,
+    *,
+    precision: str = "fp32",
+    batch: BatchProfile = BatchProfile(),
+    workspace_bytes: int = 1 << 30,
+    refittable: bool = True,
+) -> bytes:
+    """Parse ONNX and build a serialized engine with a dynamic-batch profile (refittable by default)."""
+    _require()
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network_flags, precision_flags = _network_flags_and_precision(precision, major_version())
+    network = builder.create_network(network_flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_bytes):
+        raise TensorRTError(f"ONNX parse failed: {_parser_errors(parser)}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    for flag in precision_flags:
+        config.set_flag(flag)
+    if refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        rest = tuple(int(d) for d in tensor.shape)[1:]
+        if any(d < 0 for d in rest):
+            raise TensorRTError(f"input {tensor.name!r} has dynamic non-batch dims {tensor.shape}; only the batch may vary")
+        profile.set_shape(tensor.name, (batch.min, *rest), (batch.opt, *rest), (batch.max, *rest))
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise TensorRTError("TensorRT engine build failed (see the TensorRT log above)")
+    return bytes(serialized)
+
+
+def deserialize(engine_bytes: bytes) -> trt.ICudaEngine:
+    _require()
+    import tensorrt as trt
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(engine_bytes)
+    if engine is None:
+        raise TensorRTError("could not deserialize the engine (built for another GPU or TensorRT version?)")
+    return engine
+
+
+def refit_from_onnx(engine: trt.ICudaEngine, onnx_bytes: bytes) -> None:
+    """Load new weights from an ONNX with the same graph into a refittable engine, without a rebuild."""
+    _require()
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    refitter = trt.Refitter(engine, logger)
+    parser_refitter = trt.OnnxParserRefitter(refitter, logger)
+    if not parser_refitter.refit_from_bytes(onnx_bytes):
+        raise TensorRTError(f"ONNX refit failed: {_parser_errors(parser_refitter)}")
+    if not refitter.refit_cuda_engine():
+        raise TensorRTError("refit_cuda_engine failed: the new weights do not match the engine's graph")
+
+
+class TensorRTModel:
+    """Inference on one engine with torch CUDA buffers; `predict` is float32 in, float32 out, like ONNX Runtime."""
+
+    runtime = "tensorrt"
+
+    def __init__(self, engine: trt.ICudaEngine) -> None:
+        _require()
+        import tensorrt as trt
+        import torch
+
+        self._torch = torch
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(self.inputs) != 1 or len(self.outputs) != 1:
+            raise TensorRTError(f"expected one input and one output, got {self.inputs} -> {self.outputs}")
+        self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        self.stream = torch.cuda.Stream()
+
+    @classmethod
+    def from_onnx(cls, onnx_bytes: bytes, precision: str = "fp32", batch: BatchProfile = BatchProfile()) -> TensorRTModel:
+        return cls(deserialize(build_engine(onnx_bytes, precision=precision, batch=batch)))
+
+    def refit(self, onnx_bytes: bytes) -> None:
+        refit_from_onnx(self.engine, onnx_bytes)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        name_in, name_out = self.inputs[0], self.outputs[0]
+        x = np.ascontiguousarray(x, dtype=self._dtypes[name_in])
+        if not self.context.set_input_shape(name_in, tuple(x.shape)):
+            raise TensorRTError(f"input shape {x.shape} is outside the engine's optimization profile")
+        out_shape = tuple(int(d) for d in self.context.get_tensor_shape(name_out))
+        with torch.cuda.stream(self.stream):
+            device_in = torch.from_numpy(x).cuda(non_blocking=True)
+            device_out = torch.empty(out_shape, dtype=torch.from_numpy(np.empty(0, self._dtypes[name_out])).dtype, device="cuda")
+            self.context.set_tensor_address(name_in, int(device_in.data_ptr()))
+            self.context.set_tensor_address(name_out, int(device_out.data_ptr()))
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise TensorRTError("execute_async_v3 failed")
+            result = device_out.float().cpu().numpy()
+        self.stream.synchronize()
+        return result
