@@ -26,12 +26,11 @@ def topk_indices(magnitude: np.ndarray, k: int) -> np.ndarray:
     if k >= n:
         return np.arange(n, dtype=np.int64)
     threshold = np.partition(magnitude, n - k)[n - k]
-    above = magnitude > threshold
-    chosen = np.flatnonzero(above)
-    missing = k - chosen.size
-    if missing:
-        ties = np.flatnonzero(magnitude == threshold)[:missing]
-        chosen = np.union1d(chosen, ties)
+    chosen = np.flatnonzero(magnitude >= threshold)
+    extra = chosen.size - k
+    if extra:  # ties at the threshold: keep the earliest
+        ties = np.flatnonzero(magnitude[chosen] == threshold)
+        chosen = np.delete(chosen, ties[ties.size - extra:])
     return chosen.astype(np.int64, copy=False)
 
 
