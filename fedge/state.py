@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 
 NamedArrays = "OrderedDict[str, np.ndarray]"
 
@@ -20,7 +20,7 @@ def to_torch(state: dict[str, np.ndarray]) -> OrderedDict[str, torch.Tensor]:
 
 
 def to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(OrderedDict((k, np.ascontiguousarray(v)) for k, v in state.items()))
+    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in state.items()))
 
 
 def from_record(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:

@@ -17,9 +17,9 @@ class CameraShift:
 
     @classmethod
     def draw(cls, rng: np.random.Generator, strength: float = 1.0) -> CameraShift:
-        sign = rng.choice([-1.0, 1.0])
+        # Cameras mounted alike (same tilt direction), each at its own angle.
         return cls(
-            rotation_deg=float(sign * rng.uniform(30.0, 55.0) * strength),
+            rotation_deg=float(rng.uniform(25.0, 50.0) * strength),
             blur_sigma=float(rng.uniform(0.5, 1.5) * strength),
             noise_std=float(rng.uniform(0.05, 0.2) * strength),
             contrast=float(1.0 - rng.uniform(0.2, 0.5) * strength),

@@ -1,0 +1,114 @@
+"""The `fedge` command line."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedge.methods import METHODS
+
+app = typer.Typer(help="fedge: federated and edge adaptation of models.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: ours against the baseline, measured side by side in one run.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console(width=140)
+
+
+def _round_table(name: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"{name}: per round", title_justify="left")
+    for col in ("round", "accuracy", "personalized", "uplink KB", "downlink KB", "clients"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['personalized_accuracy']:.4f}",
+                      f"{r['uplink_bytes'] / 1e3:.1f}", f"{r['downlink_bytes'] / 1e3:.1f}", str(r["clients"]))
+    return table
+
+
+def _final_table(results: dict[str, Any]) -> Table:
+    base = results["base"]["accuracy"]
+    table = Table(title=f"final (base model accuracy {base:.4f})", title_justify="left")
+    for col in ("method", "accuracy", "vs base", "personalized", "bottom decile", "uplink MB", "downlink MB",
+                "trainable", "seconds"):
+        table.add_column(col, justify="right")
+    for name, entry in results["methods"].items():
+        f = entry["final"]
+        table.add_row(name, f"{f['accuracy']:.4f}", f"{100 * (f['accuracy'] - base):+.1f} pt",
+                      f"{f['personalized_accuracy']:.4f}", f"{f['bottom_decile_accuracy']:.4f}",
+                      f"{f['uplink_bytes'] / 1e6:.3f}", f"{f['downlink_bytes'] / 1e6:.3f}",
+                      f"{f['trainable_params']:,} ({100 * f['trainable_params'] / f['total_params']:.1f}%)",
+                      f"{f['seconds']:.1f}")
+    return table
+
+
+@app.command()
+def run(
+    methods: Annotated[str, typer.Option(help=f"comma-separated; known: {','.join(METHODS)}")] = "lora-fedavg,full-fedavg",
+    rounds: Annotated[int | None, typer.Option(help="server rounds (default 10, --quick 8)")] = None,
+    clients: Annotated[int | None, typer.Option(help="virtual clients (default 8, --quick 6)")] = None,
+    clients_per_round: Annotated[int, typer.Option(help="clients sampled per round (0: all)")] = 0,
+    seed: int = 0,
+    alpha: Annotated[float, typer.Option(help="Dirichlet label-skew concentration")] = 0.5,
+    scenario: str = "digits-shift",
+    local_epochs: int = 3,
+    lr: Annotated[float, typer.Option(help="local learning rate (0: each method's default)")] = 0.0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
+    out: Annotated[Path, typer.Option(help="output folder for results.json and the plot")] = Path("fedge-out"),
+    quick: Annotated[bool, typer.Option(help="a small run that finishes in minutes on 2 CPU cores")] = False,
+) -> None:
+    """Run federations of the given methods on a scenario, with Flower's simulation runtime."""
+    from fedge.results import PLOT_FILE, RESULTS_FILE, load_results, plot_accuracy_vs_uplink, write_results
+    from fedge.simulation import simulate
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise typer.BadParameter(f"unknown methods {unknown}; known: {sorted(METHODS)}", param_hint="--methods")
+    rounds = rounds or (8 if quick else 10)
+    clients = clients or (6 if quick else 8)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / RESULTS_FILE
+    if results_path.exists():
+        results_path.unlink()  # a run's results.json describes that run only
+    common = {"num-server-rounds": rounds, "num-clients": clients, "clients-per-round": clients_per_round,
+              "seed": seed, "alpha": alpha, "scenario": scenario, "local-epochs": local_epochs, "lr": lr,
+              "device": device, "out-dir": str(out)}
+    started = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        for name in names:
+            task = progress.add_task(f"{name:>12}", total=rounds, acc="")
+            rows: list[dict[str, Any]] = []
+
+            def on_round(_: str, row: dict[str, Any], task: Any = task, rows: list = rows) -> None:
+                rows.append(row)
+                progress.update(task, advance=1, acc=f"acc {row['accuracy']:.3f}  up {row['uplink_bytes'] / 1e3:.0f} KB")
+
+            simulate({**common, "method": name}, on_round=on_round)
+            progress.console.print(_round_table(name, rows))
+    results = load_results(out)
+    results["run"] = {"methods": names, "rounds": rounds, "clients": clients, "seconds": time.perf_counter() - started}
+    write_results(out, results)
+    plot = plot_accuracy_vs_uplink(results, out / PLOT_FILE)
+    console.print(_final_table(results))
+    console.print(f"wrote {results_path} and {plot}")
+
+
+@app.command()
+def methods() -> None:
+    """List the federation methods."""
+    for m in METHODS.values():
+        console.print(f"[bold]{m.name}[/bold]: {m.summary}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

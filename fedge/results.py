@@ -1,0 +1,107 @@
+"""results.json, the contract runs are compared by, and its plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RESULTS_FILE = "results.json"
+PLOT_FILE = "accuracy_vs_uplink.png"
+
+
+@dataclass
+class ClientEval:
+    partition_id: int
+    num_examples: int
+    correct: int
+    personal_correct: int
+
+    @property
+    def personal_accuracy(self) -> float:
+        return self.personal_correct / self.num_examples if self.num_examples else 0.0
+
+
+@dataclass
+class FleetAccuracy:
+    accuracy: float
+    personalized_accuracy: float
+    bottom_decile_accuracy: float
+    clients: int
+
+
+def fleet_accuracy(evals: Sequence[ClientEval]) -> FleetAccuracy:
+    """Global accuracy on the union of test splits; personalized mean (sample-weighted) and bottom decile."""
+    total = sum(e.num_examples for e in evals)
+    if not total:
+        return FleetAccuracy(0.0, 0.0, 0.0, 0)
+    per_client = sorted(e.personal_accuracy for e in evals)
+    worst = per_client[: max(1, math.ceil(0.1 * len(per_client)))]
+    return FleetAccuracy(
+        accuracy=sum(e.correct for e in evals) / total,
+        personalized_accuracy=sum(e.personal_correct for e in evals) / total,
+        bottom_decile_accuracy=sum(worst) / len(worst),
+        clients=len(evals),
+    )
+
+
+def load_results(out_dir: str | Path) -> dict[str, Any]:
+    path = Path(out_dir) / RESULTS_FILE
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"scenario": {}, "base": {}, "methods": {}}
+
+
+def write_results(out_dir: str | Path, results: dict[str, Any]) -> Path:
+    path = Path(out_dir) / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def record_method(
+    out_dir: str | Path, *, scenario: dict[str, Any], base_accuracy: float, name: str, entry: dict[str, Any]
+) -> Path:
+    """Merge one method's outcome into results.json (other methods' entries are kept)."""
+    results = load_results(out_dir)
+    results["scenario"] = scenario
+    results["base"] = {"accuracy": base_accuracy}
+    results.setdefault("methods", {})[name] = entry
+    return write_results(out_dir, results)
+
+
+def plot_accuracy_vs_uplink(results: dict[str, Any], path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, entry in results.get("methods", {}).items():
+        rounds = entry.get("rounds", [])
+        cumulative, xs, ys = 0, [0.0], [results.get("base", {}).get("accuracy", float("nan"))]
+        for r in rounds:
+            cumulative += r["uplink_bytes"]
+            xs.append(cumulative / 1e6)
+            ys.append(r["accuracy"])
+        ax.plot(xs, ys, marker="o", label=name)
+    base = results.get("base", {}).get("accuracy")
+    if base is not None:
+        ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="base model")
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel("cumulative uplink (MB, wire bytes)")
+    ax.set_ylabel("global accuracy (target domain)")
+    ax.set_title(f"{results.get('scenario', {}).get('name', '')}: accuracy vs uplink")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,38 @@
+"""The fedge ServerApp.
+
+`flwr run .` loads the module-level `app`; `fedge run` builds one with
+`make_server_app` so it can override the run config and follow the rounds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedge.runconfig import RunSettings
+from fedge.server.federation import FederationOutcome, RoundCallback, run_federation
+
+
+def make_server_app(
+    overrides: dict[str, Any] | None = None,
+    on_round: RoundCallback | None = None,
+    outcomes: list[FederationOutcome] | None = None,
+) -> ServerApp:
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config = {**dict(context.run_config), **(overrides or {})}
+        settings = RunSettings.from_config(config)
+        if "num_clients" not in (overrides or {}) and "num-clients" not in config:
+            settings.num_clients = len(list(grid.get_node_ids())) or settings.num_clients
+        outcome = run_federation(grid, settings, on_round)
+        if outcomes is not None:
+            outcomes.append(outcome)
+
+    return server_app
+
+
+app = make_server_app()

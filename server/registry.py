@@ -1,0 +1,281 @@
+"""The model registry: signed, versioned artifacts on disk, pushed to watching edge agents over gRPC.
+
+    python -m fedge.server.registry --workdir DIR [--port 0] [--key DIR/registry.pem]
+
+prints one line `REGISTRY <host:port>` once it listens, so a launcher can read
+the bound port. Each version lives in `DIR/artifacts/v000001/` (model bytes,
+canonical manifest, signature); telemetry and uploaded samples are stored under
+`DIR/telemetry.jsonl` and `DIR/samples/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.json_format import MessageToDict
+
+from fedge.artifacts import Manifest, load_or_create_key, make_manifest, public_pem, sign_manifest
+from fedge.protos import edge_pb2, edge_pb2_grpc
+
+log = logging.getLogger("fedge.registry")
+
+DEFAULT_CHUNK = 256 * 1024
+MAX_CHUNK = 2 * 1024 * 1024
+TOKEN_HEADER = "x-fedge-token"
+
+
+@dataclass(frozen=True)
+class Published:
+    manifest: Manifest
+    canonical: bytes
+    signature: bytes
+    path: Path
+
+
+class ArtifactStore:
+    """Versioned directories; a version appears only once fully written (temp dir + rename)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _dir(self, version: int) -> Path:
+        return self.root / f"v{version:06d}"
+
+    def versions(self) -> list[int]:
+        return sorted(int(p.name[1:]) for p in self.root.glob("v[0-9]*") if p.is_dir() and p.name[1:].isdigit())
+
+    def write(self, manifest: Manifest, canonical: bytes, signature: bytes, data: bytes) -> Published:
+        final = self._dir(manifest.version)
+        tmp = self.root / f".tmp-v{manifest.version:06d}-{os.getpid()}"
+        tmp.mkdir(parents=True)
+        (tmp / "model.bin").write_bytes(data)
+        (tmp / "manifest.json").write_bytes(canonical)
+        (tmp / "manifest.sig").write_bytes(signature)
+        os.replace(tmp, final)
+        return self.read(manifest.version)
+
+    def read(self, version: int) -> Published:
+        d = self._dir(version)
+        canonical = (d / "manifest.json").read_bytes()
+        return Published(Manifest.parse(canonical), canonical, (d / "manifest.sig").read_bytes(), d / "model.bin")
+
+
+class Registry(edge_pb2_grpc.EdgeRegistryServicer, edge_pb2_grpc.RegistryAdminServicer):
+    """Holds artifacts and fleet state; publishes to watchers. Thread-safe: gRPC calls run in a pool."""
+
+    def __init__(self, workdir: Path, key_path: Path | None = None, publish_token: str = "") -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.key = load_or_create_key(key_path or self.workdir / "registry.pem")
+        self.public_key_pem = public_pem(self.key.public_key())
+        self.publish_token = publish_token
+        self.store = ArtifactStore(self.workdir / "artifacts")
+        self._cond = threading.Condition()
+        versions = self.store.versions()
+        self._latest: Published | None = self.store.read(versions[-1]) if versions else None
+        self._devices: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        #: (device_id, version, offset) of every fetch, so resumption is observable.
+        self.fetch_log: list[tuple[str, int, int]] = []
+        (self.workdir / "samples").mkdir(exist_ok=True)
+
+    # ---- publishing --------------------------------------------------------------------
+
+    @property
+    def latest_version(self) -> int:
+        return self._latest.manifest.version if self._latest else 0
+
+    def publish(self, model_bytes: bytes, manifest_meta: dict[str, Any] | None = None, fmt: str = "onnx") -> int:
+        """Store, sign and announce a new version; returns its number."""
+        with self._cond:
+            version = self.latest_version + 1
+            manifest = make_manifest(version, model_bytes, fmt, manifest_meta)
+            canonical, signature = sign_manifest(manifest, self.key)
+            self._latest = self.store.write(manifest, canonical, signature, model_bytes)
+            self._cond.notify_all()
+        log.info("published v%d (%s, %d bytes, sha256 %s)", version, fmt, len(model_bytes), manifest.sha256[:12])
+        return version
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    # ---- EdgeRegistry ----------------------------------------------------------------------
+
+    def Register(self, request: edge_pb2.DeviceProfile, context: grpc.ServicerContext) -> edge_pb2.RegisterReply:
+        if not request.device_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "device_id is required")
+        with self._lock:
+            entry = self._devices.setdefault(request.device_id, {})
+            entry["profile"] = MessageToDict(request, preserving_proto_field_name=True)
+            entry["last_seen"] = time.time()
+        log.info("registered %s (%s, %s)", request.device_id, request.tier, request.runtime)
+        return edge_pb2.RegisterReply(accepted=True, latest_version=self.latest_version, message="registered")
+
+    def WatchDeployments(self, request: edge_pb2.WatchRequest, context: grpc.ServicerContext) -> Iterator[edge_pb2.DeploymentNotice]:
+        sent = request.known_version
+        while context.is_active() and not self._stopping.is_set():
+            with self._cond:
+                if self.latest_version <= sent:
+                    self._cond.wait(timeout=0.5)
+                latest = self._latest
+            if latest is not None and latest.manifest.version > sent:
+                sent = latest.manifest.version
+                yield edge_pb2.DeploymentNotice(version=sent, manifest=latest.canonical, signature=latest.signature)
+
+    def FetchArtifact(self, request: edge_pb2.FetchRequest, context: grpc.ServicerContext) -> Iterator[edge_pb2.ArtifactChunk]:
+        if request.version not in self.store.versions():
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no artifact version {request.version}")
+        published = self.store.read(request.version)
+        total = published.manifest.bytes
+        if not 0 <= request.offset <= total:
+            context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} outside [0, {total}]")
+        with self._lock:
+            self.fetch_log.append((request.device_id, request.version, int(request.offset)))
+        chunk = min(request.chunk_size or DEFAULT_CHUNK, MAX_CHUNK)
+        with open(published.path, "rb") as fh:
+            fh.seek(request.offset)
+            offset = request.offset
+            while offset < total and context.is_active():
+                data = fh.read(chunk)
+                if not data:
+                    break
+                yield edge_pb2.ArtifactChunk(version=request.version, offset=offset, data=data, total_bytes=total)
+                offset += len(data)
+
+    def ReportTelemetry(self, request: edge_pb2.Telemetry, context: grpc.ServicerContext) -> edge_pb2.TelemetryAck:
+        record = MessageToDict(request, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        with self._lock:
+            entry = self._devices.setdefault(request.device_id, {})
+            entry["telemetry"] = request
+            entry["last_seen"] = time.time()
+            with open(self.workdir / "telemetry.jsonl", "a") as fh:
+                fh.write(json.dumps(record, sort_keys=True) + "\n")
+        return edge_pb2.TelemetryAck(stored=True)
+
+    def UploadSamples(self, request: edge_pb2.SampleBatch, context: grpc.ServicerContext) -> edge_pb2.UploadAck:
+        if not request.samples:
+            return edge_pb2.UploadAck(stored=0)
+        arrays: dict[str, np.ndarray] = {}
+        try:
+            for i, s in enumerate(request.samples):
+                arrays[f"x{i}"] = np.frombuffer(s.tensor, dtype=np.dtype(s.dtype)).reshape(tuple(s.shape))
+                arrays[f"p{i}"] = np.asarray(s.probabilities, dtype=np.float32)
+                arrays[f"e{i}"] = np.asarray(s.entropy, dtype=np.float64)
+                if s.HasField("label"):
+                    arrays[f"y{i}"] = np.asarray(s.label, dtype=np.int64)
+        except (TypeError, ValueError) as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed sample: {err}")
+        device_dir = self.workdir / "samples" / _safe_name(request.device_id)
+        device_dir.mkdir(parents=True, exist_ok=True)
+        name = f"v{request.serving_version:06d}-{time.time_ns()}.npz"
+        np.savez(device_dir / name, **arrays)  # type: ignore[arg-type]
+        return edge_pb2.UploadAck(stored=len(request.samples))
+
+    # ---- RegistryAdmin -------------------------------------------------------------------------
+
+    def _authorised(self, context: grpc.ServicerContext) -> bool:
+        """Publishing over gRPC needs a configured token; with none, only in-process `publish` works."""
+        given = dict(context.invocation_metadata()).get(TOKEN_HEADER, "")
+        return bool(self.publish_token) and hmac.compare_digest(str(given), self.publish_token)
+
+    def Publish(self, request_iterator: Iterator[edge_pb2.PublishChunk], context: grpc.ServicerContext) -> edge_pb2.PublishReply:
+        if not self._authorised(context):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "bad or missing publish token")
+        fmt, meta_json, parts = "", "", []
+        for chunk in request_iterator:
+            fmt = fmt or chunk.format
+            meta_json = meta_json or chunk.metadata_json
+            parts.append(chunk.data)
+        try:
+            meta = json.loads(meta_json) if meta_json else {}
+            version = self.publish(b"".join(parts), meta, fmt or "onnx")
+        except ValueError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        m = self.store.read(version).manifest
+        return edge_pb2.PublishReply(version=version, sha256=m.sha256, bytes=m.bytes)
+
+    def FleetStatus(self, request: edge_pb2.FleetStatusRequest, context: grpc.ServicerContext) -> edge_pb2.FleetStatusReply:
+        reply = edge_pb2.FleetStatusReply(latest_version=self.latest_version)
+        with self._lock:
+            for device_id, entry in sorted(self._devices.items()):
+                status = reply.devices.add(last_seen_unix=entry.get("last_seen", 0.0))
+                profile = entry.get("profile") or {"device_id": device_id}
+                status.profile.CopyFrom(edge_pb2.DeviceProfile(**{k: v for k, v in profile.items() if k != "serving_version"}))
+                if "telemetry" in entry:
+                    status.last_telemetry.CopyFrom(entry["telemetry"])
+        return reply
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:64] or "unknown"
+
+
+def start(registry: Registry, host: str = "127.0.0.1", port: int = 0, workers: int = 32) -> tuple[grpc.Server, int]:
+    """Start serving in background threads; returns the server and the bound port (port 0 picks a free one)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="registry"))
+    edge_pb2_grpc.add_EdgeRegistryServicer_to_server(registry, server)
+    edge_pb2_grpc.add_RegistryAdminServicer_to_server(registry, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"could not bind the registry to {host}:{port}")
+    server.start()
+    return server, bound
+
+
+def serve(workdir: str | Path, host: str = "127.0.0.1", port: int = 0, key_path: str | Path | None = None,
+          publish_token: str | None = None, publish: str | Path | None = None) -> None:
+    """Run a registry until SIGINT/SIGTERM (`fedge registry serve`).
+
+    The publish token comes from the argument or `FEDGE_PUBLISH_TOKEN`; an
+    optional `publish` file (ONNX) is published at start-up as the first version.
+    """
+    token = publish_token if publish_token is not None else os.environ.get("FEDGE_PUBLISH_TOKEN", "")
+    registry = Registry(Path(workdir), Path(key_path) if key_path else None, token)
+    if publish:
+        registry.publish(Path(publish).read_bytes(), {"source": str(publish)})
+    public_path = registry.workdir / "registry.pub.pem"
+    public_path.write_bytes(registry.public_key_pem)
+    server, bound = start(registry, host, port)
+    print(f"PUBLIC_KEY {public_path}", flush=True)
+    print(f"REGISTRY {host}:{bound}", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    registry.stop()
+    server.stop(grace=1.0).wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="fedge model registry (edge deployment service)")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--key", default=None, help="Ed25519 private key PEM (created if missing)")
+    parser.add_argument("--publish", default=None, help="ONNX file to publish as the first version")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s registry %(message)s")
+    serve(args.workdir, args.host, args.port, args.key, publish=args.publish)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
