@@ -58,7 +58,7 @@ class FedZipCodec:
         reader = PayloadReader(payload)
         centroids = reader.array("centroids", "<f4", self.clusters * len(specs)).reshape(len(specs), self.clusters)
         ids_blob = reader.take("ids")
-        indices = read_positions(reader, specs)
+        indices = read_positions(reader, specs, per_tensor=self.z)
         reader.finish()
         ids = decode_symbols(ids_blob, sum(i.size for i in indices))
         if ids.size and ids.max() >= self.clusters:

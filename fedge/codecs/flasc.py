@@ -57,7 +57,7 @@ class FlascCodec:
     def decode(self, payload: bytes, specs: list[TensorSpec]) -> OrderedDict[str, np.ndarray]:
         reader = PayloadReader(payload)
         values_blob = reader.take("values")
-        indices = read_positions(reader, specs)
+        indices = read_positions(reader, specs, overall=self.density)
         reader.finish()
         code = _VALUE_DTYPES[self.value_dtype]
         total = sum(i.size for i in indices)

@@ -66,7 +66,7 @@ class TernaryCodec:
         reader = PayloadReader(payload)
         scales = reader.array("scales", "<f4", len(specs)).astype(np.float32)
         signs_blob = reader.take("signs")
-        indices = read_positions(reader, specs)
+        indices = read_positions(reader, specs, per_tensor=self.k)
         reader.finish()
         signs = decode_symbols(signs_blob, sum(i.size for i in indices))
         if signs.size and signs.max() > 1:
