@@ -36,8 +36,9 @@ class ExportError(RuntimeError):
 def merged_fp32(model: nn.Module) -> nn.Module:
     """An fp32 eval copy with any peft LoRA adapters folded into the base weights; `model` is untouched."""
     clone = copy.deepcopy(model)
-    if hasattr(clone, "merge_and_unload"):  # peft.PeftModel, without importing peft for plain models
-        clone = clone.merge_and_unload()
+    merge = getattr(clone, "merge_and_unload", None)  # peft.PeftModel, without importing peft for plain models
+    if callable(merge):
+        clone = merge()
     return clone.float().eval().cpu()
 
 

@@ -1,0 +1,504 @@
+"""The edge agent: serves a model, watches the registry, and swaps in verified, canary-checked versions.
+
+    python -m fedge.edge.agent --registry HOST:PORT --device-id cam-0 --public-key registry.pub.pem \
+        --workdir DIR [--data samples.npz]
+
+Guarantees: it never serves an artifact whose manifest signature (pinned
+registry key) or sha256 does not verify; a new version serves only after it
+passes a canary batch; the swap is one reference assignment, so a request sees
+either the old model or the new one; the last good model stays loaded for
+rollback; downloads resume from the bytes already on disk after a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from fedge.artifacts import ArtifactError, Manifest, load_public_key, verify_artifact, verify_manifest
+from fedge.edge.runtime import Model, choose_runtime, load_model
+from fedge.protos import edge_pb2, edge_pb2_grpc
+
+log = logging.getLogger("fedge.edge.agent")
+
+
+class DownloadIncomplete(Exception):
+    """The link failed before the whole artifact arrived; the partial file stays for the next attempt."""
+
+
+class CanaryError(Exception):
+    """A verified artifact that nonetheless must not serve (non-finite, wrong shape, collapsed, worse)."""
+
+
+@dataclass
+class AgentConfig:
+    registry: str
+    device_id: str
+    workdir: Path
+    public_key: Path
+    data: Path | None = None          # .npz with `x` (inputs) and optionally `y` (labels)
+    tier: str = "mid"
+    runtime: str | None = None        # default: best available (see fedge.edge.runtime)
+    threads: int = 1                  # ONNX Runtime intra-op threads per agent
+    chunk_size: int = 256 * 1024
+    chunk_delay_s: float = 0.0        # throttle downloads (a slow link, for tests and demos)
+    canary_size: int = 64
+    min_canary_accuracy: float = 0.0  # absolute floor where labels exist
+    max_accuracy_drop: float = 0.25   # allowed canary-accuracy drop against the serving model
+    serve_batch: int = 1
+    serve_interval_s: float = 0.005
+    report_interval_s: float = 1.0
+    max_fetch_attempts: int = 5
+
+
+@dataclass(frozen=True)
+class Served:
+    """One loaded version: swapped as a whole, never mutated."""
+
+    version: int
+    manifest: Manifest
+    model: Model
+    canary_accuracy: float | None
+
+
+@dataclass
+class _Window:
+    """Serving statistics of the current version since it was swapped in."""
+
+    version: int
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
+    predictions: int = 0
+    labelled: int = 0
+    correct: int = 0
+    entropy_sum: float = 0.0
+
+
+def _entropy(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return -(np.exp(logp) * logp).sum(axis=1)
+
+
+class EdgeAgent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.workdir = Path(config.workdir)
+        for sub in ("downloads", "models"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        self.public_key = load_public_key(Path(config.public_key))
+        self.runtime = choose_runtime(config.runtime)
+        self.x, self.y = self._load_data(config.data)
+        self._served: Served | None = None
+        self._last_good: Served | None = None
+        self._rejected: dict[int, str] = {}
+        self._events: list[edge_pb2.DeploymentEvent] = []
+        self._events_lock = threading.Lock()
+        self._window = _Window(version=0)
+        self._window_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._report_now = threading.Event()
+        self._watch_call: grpc.Call | None = None
+        self.channel = grpc.insecure_channel(config.registry)
+        self.stub = edge_pb2_grpc.EdgeRegistryStub(self.channel)
+        self._restore()
+
+    # ---- data and persisted state -------------------------------------------------------------
+
+    @staticmethod
+    def _load_data(path: Path | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if path is None:
+            return None, None
+        with np.load(path) as npz:
+            x = np.asarray(npz["x"], dtype=np.float32)
+            y = np.asarray(npz["y"], dtype=np.int64) if "y" in npz.files else None
+        return x, y
+
+    def _model_dir(self, version: int) -> Path:
+        return self.workdir / "models" / f"v{version:06d}"
+
+    def _restore(self) -> None:
+        """Serve the last model this device verified, after a restart, re-verifying it from disk."""
+        pointer = self.workdir / "current"
+        if not pointer.exists():
+            return
+        try:
+            d = self._model_dir(int(pointer.read_text().strip()))
+            manifest = verify_manifest((d / "manifest.json").read_bytes(), (d / "manifest.sig").read_bytes(), self.public_key)
+            data = (d / "model.bin").read_bytes()
+            verify_artifact(data, manifest)
+            served = Served(manifest.version, manifest, load_model(data, self.runtime, self.config.threads), None)
+        except (OSError, ValueError, ArtifactError) as err:
+            log.warning("%s: stored model does not verify (%s); starting without one", self.config.device_id, err)
+            return
+        self._swap(served)
+        log.info("%s: restored v%d from disk", self.config.device_id, served.version)
+
+    def _persist(self, manifest: Manifest, canonical: bytes, signature: bytes, data: bytes) -> None:
+        d = self._model_dir(manifest.version)
+        tmp = d.with_name(d.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "model.bin").write_bytes(data)
+        (tmp / "manifest.json").write_bytes(canonical)
+        (tmp / "manifest.sig").write_bytes(signature)
+        if d.exists():
+            for f in d.iterdir():
+                f.unlink()
+            d.rmdir()
+        os.replace(tmp, d)
+        _atomic_write(self.workdir / "current", f"{manifest.version}\n".encode())
+
+    # ---- serving -----------------------------------------------------------------------------------
+
+    @property
+    def serving_version(self) -> int:
+        served = self._served
+        return served.version if served else 0
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """Logits and the version that produced them; raises if nothing verified is loaded yet."""
+        served = self._served  # one read: a concurrent swap cannot mix two models in one request
+        if served is None:
+            raise RuntimeError("no verified model loaded yet")
+        return served.model.predict(x), served.version
+
+    def _swap(self, new: Served) -> None:
+        old = self._served
+        if old is not None:
+            self._last_good = old
+        self._served = new
+        with self._window_lock:
+            self._window = _Window(version=new.version)
+
+    def rollback(self, reason: str) -> bool:
+        """Return to the last good model (after a live failure of the new one)."""
+        failed, good = self._served, self._last_good
+        if good is None or failed is None:
+            return False
+        self._served, self._last_good = good, None
+        with self._window_lock:
+            self._window = _Window(version=good.version)
+        _atomic_write(self.workdir / "current", f"{good.version}\n".encode())
+        self._rejected[failed.version] = reason
+        self._event(failed.version, "rolled_back", reason)
+        log.warning("%s: rolled back v%d -> v%d: %s", self.config.device_id, failed.version, good.version, reason)
+        return True
+
+    def serve_once(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
+        """One request through the serving path, recorded for telemetry; live failure triggers rollback."""
+        if self._served is None:
+            return
+        start = time.perf_counter()
+        try:
+            logits, version = self.predict(x)
+            if not np.isfinite(logits).all():
+                raise FloatingPointError("non-finite outputs")
+        except Exception as err:  # noqa: BLE001 - a live failure of any kind sends us back to the last good model
+            self.rollback(f"serving failed: {type(err).__name__}: {err}")
+            return
+        latency_ms = (time.perf_counter() - start) * 1000.0
+        with self._window_lock:
+            w = self._window
+            if w.version != version:
+                return
+            w.latencies_ms.append(latency_ms)
+            w.predictions += len(x)
+            w.entropy_sum += float(_entropy(logits).sum())
+            if y is not None:
+                w.labelled += len(y)
+                w.correct += int((logits.argmax(1) == y).sum())
+
+    def _serving_loop(self) -> None:
+        if self.x is None:
+            return
+        n, b, i = len(self.x), max(1, self.config.serve_batch), 0
+        while not self._stop.is_set():
+            sel = slice(i, i + b)
+            self.serve_once(self.x[sel], None if self.y is None else self.y[sel])
+            i = (i + b) % max(1, n - b + 1)
+            self._stop.wait(self.config.serve_interval_s)
+
+    # ---- deployments ---------------------------------------------------------------------------------
+
+    def _event(self, version: int, status: str, reason: str = "") -> None:
+        with self._events_lock:
+            self._events.append(edge_pb2.DeploymentEvent(version=version, status=status, reason=reason))
+        self._report_now.set()
+
+    def handle_notice(self, notice: edge_pb2.DeploymentNotice) -> bool:
+        """Verify, download, check and swap one announced version; True if it now serves."""
+        try:
+            manifest = verify_manifest(notice.manifest, notice.signature, self.public_key)
+        except ArtifactError as err:
+            self._reject(notice.version, f"manifest refused: {err}")
+            return False
+        if manifest.version != notice.version:
+            self._reject(notice.version, f"notice says v{notice.version}, signed manifest says v{manifest.version}")
+            return False
+        if manifest.version <= self.serving_version or manifest.version in self._rejected:
+            return False
+        try:
+            data = self.download(manifest)
+        except DownloadIncomplete as err:
+            log.warning("%s: v%d not complete yet: %s", self.config.device_id, manifest.version, err)
+            return False  # not a rejection: the next notice (after reconnecting) resumes it
+        except ArtifactError as err:
+            self._reject(manifest.version, f"artifact refused: {err}")
+            return False
+        try:
+            model = load_model(data, self.runtime, self.config.threads)
+            accuracy = self.canary(model)
+        except CanaryError as err:
+            self._reject(manifest.version, f"canary failed: {err}")
+            return False
+        except Exception as err:  # noqa: BLE001 - any load failure of an untrusted model is a rejection
+            self._reject(manifest.version, f"could not load: {type(err).__name__}: {err}")
+            return False
+        self._persist(manifest, notice.manifest, notice.signature, data)
+        self._swap(Served(manifest.version, manifest, model, accuracy))
+        self._event(manifest.version, "deployed")
+        log.info("%s: serving v%d (%s)", self.config.device_id, manifest.version, self.runtime)
+        return True
+
+    def _reject(self, version: int, reason: str) -> None:
+        self._rejected[version] = reason
+        self._event(version, "rejected", reason)
+        log.warning("%s: refused v%d, still serving v%d: %s", self.config.device_id, version, self.serving_version, reason)
+
+    def canary(self, model: Model) -> float | None:
+        """Run the candidate on the canary batch before it may serve; returns its accuracy (if labelled)."""
+        if self.x is None:
+            return None
+        x = self.x[: self.config.canary_size]
+        out = model.predict(x)
+        if out.ndim != 2 or out.shape[0] != len(x):
+            raise CanaryError(f"output shape {out.shape} for a batch of {len(x)}")
+        current = self._served
+        if current is not None:
+            expected = current.model.predict(x[:1]).shape[1]
+            if out.shape[1] != expected:
+                raise CanaryError(f"{out.shape[1]} classes, serving model has {expected}")
+        if not np.isfinite(out).all():
+            raise CanaryError("non-finite outputs")
+        pred = out.argmax(1)
+        if self.y is None:
+            return None
+        y = self.y[: len(x)]
+        if len(x) >= 10 and len(np.unique(pred)) == 1 and len(np.unique(y)) > 1:
+            raise CanaryError(f"collapsed: predicts class {int(pred[0])} for all {len(x)} canary inputs")
+        accuracy = float((pred == y).mean())
+        if accuracy < self.config.min_canary_accuracy:
+            raise CanaryError(f"accuracy {accuracy:.3f} below the floor {self.config.min_canary_accuracy:.3f}")
+        if current is not None:
+            baseline = current.canary_accuracy
+            if baseline is None:
+                baseline = float((current.model.predict(x).argmax(1) == y).mean())
+            if accuracy < baseline - self.config.max_accuracy_drop:
+                raise CanaryError(f"accuracy {accuracy:.3f} vs {baseline:.3f} for the serving model")
+        return accuracy
+
+    def download(self, manifest: Manifest) -> bytes:
+        """Fetch in chunks into `<sha256>.partial`, resuming from its size; retry on a cut stream."""
+        partial = self.workdir / "downloads" / f"{manifest.sha256}.partial"
+        for attempt in range(1, self.config.max_fetch_attempts + 1):
+            offset = partial.stat().st_size if partial.exists() else 0
+            if offset > manifest.bytes:
+                partial.unlink()
+                offset = 0
+            if offset == manifest.bytes:
+                break
+            request = edge_pb2.FetchRequest(device_id=self.config.device_id, version=manifest.version,
+                                            offset=offset, chunk_size=self.config.chunk_size)
+            try:
+                with open(partial, "ab") as fh:
+                    for chunk in self.stub.FetchArtifact(request, timeout=120):
+                        if chunk.offset != offset:
+                            raise ArtifactError(f"chunk at offset {chunk.offset}, expected {offset}")
+                        fh.write(chunk.data)
+                        fh.flush()
+                        offset += len(chunk.data)
+                        if self._stop.is_set():
+                            raise ArtifactError("agent stopping")
+                        if self.config.chunk_delay_s:
+                            time.sleep(self.config.chunk_delay_s)
+            except grpc.RpcError as err:
+                log.warning("%s: fetch v%d cut at %d bytes (attempt %d): %s", self.config.device_id,
+                            manifest.version, offset, attempt, err.code() if hasattr(err, "code") else err)
+                time.sleep(min(0.2 * attempt, 2.0))
+        held = partial.stat().st_size if partial.exists() else 0
+        if held < manifest.bytes:
+            raise DownloadIncomplete(f"{held} of {manifest.bytes} bytes after {self.config.max_fetch_attempts} attempts")
+        data = partial.read_bytes()
+        partial.unlink()  # verified or not, a complete partial has done its job; a bad one must not poison a retry
+        verify_artifact(data, manifest)
+        return data
+
+    # ---- registry conversation ------------------------------------------------------------------------
+
+    def register(self) -> None:
+        profile = edge_pb2.DeviceProfile(device_id=self.config.device_id, tier=self.config.tier, runtime=self.runtime,
+                                         capabilities=self._capabilities(), serving_version=self.serving_version)
+        self.stub.Register(profile, timeout=10)
+
+    def _capabilities(self) -> list[str]:
+        caps = ["fp32", "int8"]
+        if self.runtime != "onnxruntime-cpu":
+            caps += ["fp16", "gpu"]
+        return caps
+
+    def telemetry(self) -> edge_pb2.Telemetry:
+        with self._window_lock:
+            w = self._window
+            lat = np.asarray(w.latencies_ms, dtype=np.float64)
+            msg = edge_pb2.Telemetry(
+                device_id=self.config.device_id, serving_version=self.serving_version, runtime=self.runtime,
+                latency_p50_ms=float(np.percentile(lat, 50)) if len(lat) else 0.0,
+                latency_p95_ms=float(np.percentile(lat, 95)) if len(lat) else 0.0,
+                mean_entropy=w.entropy_sum / w.predictions if w.predictions else 0.0,
+                num_predictions=w.predictions, timestamp_unix=time.time())
+            if w.labelled:
+                msg.accuracy = w.correct / w.labelled
+        return msg
+
+    def report(self) -> None:
+        msg = self.telemetry()
+        with self._events_lock:
+            events, self._events = self._events, []
+        msg.events.extend(events)
+        try:
+            self.stub.ReportTelemetry(msg, timeout=5)
+        except grpc.RpcError:
+            with self._events_lock:  # keep the events for the next report
+                self._events = events + self._events
+            raise
+
+    def _report_loop(self) -> None:
+        while not self._stop.is_set():
+            self._report_now.wait(self.config.report_interval_s)
+            self._report_now.clear()
+            try:
+                self.report()
+            except grpc.RpcError as err:
+                log.debug("telemetry not delivered: %s", err)
+
+    def _watch_loop(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                self.register()
+                call = self.stub.WatchDeployments(
+                    edge_pb2.WatchRequest(device_id=self.config.device_id, known_version=self.serving_version))
+                self._watch_call = call
+                backoff = 0.2
+                for notice in call:
+                    if self._stop.is_set():
+                        break
+                    if not self.handle_notice(notice) and notice.version > self.serving_version \
+                            and notice.version not in self._rejected:
+                        break  # an interrupted download: reconnect, get the notice again, resume
+            except grpc.RpcError as err:
+                if self._stop.is_set():
+                    break
+                log.info("%s: registry unavailable (%s); retrying", self.config.device_id,
+                         err.code() if hasattr(err, "code") else err)
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self) -> list[threading.Thread]:
+        threads = [threading.Thread(target=t, name=f"agent-{n}", daemon=True)
+                   for n, t in (("watch", self._watch_loop), ("serve", self._serving_loop), ("report", self._report_loop))]
+        for t in threads:
+            t.start()
+        self._threads = threads
+        return threads
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._report_now.set()
+        call = self._watch_call
+        if call is not None:
+            call.cancel()
+        for t in getattr(self, "_threads", []):
+            t.join(timeout=5)
+        try:
+            self.report()
+        except grpc.RpcError:
+            pass
+        self.channel.close()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def main(
+    registry_address: str,
+    device_id: str,
+    *,
+    public_key: str | Path,
+    workdir: str | Path,
+    data: str | Path | None = None,
+    tier: str = "mid",
+    runtime: str | None = None,
+    duration_s: float | None = None,
+    **options: float | int,
+) -> int:
+    """Run one edge agent until SIGINT/SIGTERM (or `duration_s`); `fedge edge agent --registry HOST:PORT`.
+
+    `options` are further `AgentConfig` fields (chunk_size, chunk_delay_s, canary_size, ...).
+    """
+    config = AgentConfig(registry=registry_address, device_id=device_id, workdir=Path(workdir),
+                         public_key=Path(public_key), data=Path(data) if data else None, tier=tier, runtime=runtime,
+                         **options)  # type: ignore[arg-type]
+    agent = EdgeAgent(config)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    print(f"AGENT {device_id} runtime={agent.runtime} serving=v{agent.serving_version}", flush=True)
+    agent.start()
+    done.wait(duration_s)
+    agent.stop()
+    return 0
+
+
+def _cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="fedge edge agent")
+    parser.add_argument("--registry", required=True, help="HOST:PORT of the model registry")
+    parser.add_argument("--device-id", required=True)
+    parser.add_argument("--public-key", required=True, help="the registry's Ed25519 public key (PEM), pinned")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--data", default=None, help=".npz with x (and y) to serve and canary on")
+    parser.add_argument("--tier", default="mid")
+    parser.add_argument("--runtime", default=None)
+    parser.add_argument("--duration", type=float, default=None, help="seconds to run (default: until signalled)")
+    parser.add_argument("--chunk-size", type=int, default=256 * 1024)
+    parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds to wait after each chunk")
+    parser.add_argument("--canary-size", type=int, default=64)
+    parser.add_argument("--min-canary-accuracy", type=float, default=0.0)
+    parser.add_argument("--max-accuracy-drop", type=float, default=0.25)
+    parser.add_argument("--report-interval", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s agent {args.device_id} %(message)s")
+    return main(args.registry, args.device_id, public_key=args.public_key, workdir=args.workdir, data=args.data,
+                tier=args.tier, runtime=args.runtime, duration_s=args.duration, chunk_size=args.chunk_size,
+                chunk_delay_s=args.chunk_delay, canary_size=args.canary_size,
+                min_canary_accuracy=args.min_canary_accuracy, max_accuracy_drop=args.max_accuracy_drop,
+                report_interval_s=args.report_interval, threads=args.threads)
+
+
+if __name__ == "__main__":
+    raise SystemExit(_cli())
