@@ -82,6 +82,10 @@ def _network_flags_and_precision(precision: str, major: int) -> tuple[int, list[
     return 0, precision_flags
 
 
+def _dims(dims: trt.Dims) -> list[int]:
+    return [int(dims[i]) for i in range(len(dims))]
+
+
 def _parser_errors(parser: trt.OnnxParser | trt.OnnxParserRefitter) -> str:
     return "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "no detail"
 
@@ -114,10 +118,10 @@ def build_engine(
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
-        rest = tuple(int(d) for d in tensor.shape)[1:]
+        rest = _dims(tensor.shape)[1:]
         if any(d < 0 for d in rest):
             raise TensorRTError(f"input {tensor.name!r} has dynamic non-batch dims {tensor.shape}; only the batch may vary")
-        profile.set_shape(tensor.name, (batch.min, *rest), (batch.opt, *rest), (batch.max, *rest))
+        profile.set_shape(tensor.name, trt.Dims([batch.min, *rest]), trt.Dims([batch.opt, *rest]), trt.Dims([batch.max, *rest]))
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -184,7 +188,7 @@ class TensorRTModel:
         x = np.ascontiguousarray(x, dtype=self._dtypes[name_in])
         if not self.context.set_input_shape(name_in, tuple(x.shape)):
             raise TensorRTError(f"input shape {x.shape} is outside the engine's optimization profile")
-        out_shape = tuple(int(d) for d in self.context.get_tensor_shape(name_out))
+        out_shape = tuple(_dims(self.context.get_tensor_shape(name_out)))
         with torch.cuda.stream(self.stream):
             device_in = torch.from_numpy(x).cuda(non_blocking=True)
             device_out = torch.empty(out_shape, dtype=torch.from_numpy(np.empty(0, self._dtypes[name_out])).dtype, device="cuda")
