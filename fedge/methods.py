@@ -20,6 +20,8 @@ class Method:
     codec: str | None = None
     codec_params: dict[str, float] = field(default_factory=dict)
     error_feedback: bool = False
+    #: client-side family: which train/evaluate functions of the ClientApp handle it
+    client: str = "plain"
     #: server-side aggregation: "fedavg" (Flower's stock FedAvg) or a fedge strategy name
     strategy: str = "fedavg"
     #: local Adam learning rate unless the run sets one (adapters want a larger step than full models)
