@@ -1,26 +1,24 @@
 """Entropy coding of symbol streams with constriction's ANS coder, and their Shannon bound.
 
 A stream is coded with one static categorical model fitted to its own
-histogram; the histogram travels with the stream as 16-bit frequencies so the
-decoder rebuilds the identical model. Large integers (position gaps) are split
+histogram; the histogram travels with the stream as varint counts, so the
+decoder rebuilds the identical model and knows the stream's length. Large integers (position gaps) are split
 into a log-scale bucket, coded with the fitted model, plus the bits below the
 bucket's top, coded uniformly: an Elias-gamma-like scheme whose buckets are
 fine enough (4 per octave) to stay close to the empirical entropy.
 
-Layout of a stream: uint32 count | uint16 alphabet | uint16 freq[alphabet] | uint32 ANS words.
+Layout of a stream: varint alphabet | varint counts[alphabet] | uint32 ANS words.
 """
 
 from __future__ import annotations
-
-import struct
 
 import constriction
 import numpy as np
 
 from fedge.codecs.base import CodecError
+from fedge.codecs.varint import decode_varints, encode_varints
 
-_HEADER = struct.Struct("<IH")
-_FREQ_TOTAL = 65535
+_MAX_ALPHABET = 1 << 16
 _EXACT = 16  # gaps below this are their own bucket
 _PER_OCTAVE_BITS = 2  # 4 buckets per octave above _EXACT
 _MAX_GAP_BITS = 40
@@ -41,35 +39,32 @@ def shannon_bytes(symbols: np.ndarray) -> float:
     return float((counts * (np.log2(n) - np.log2(counts))).sum() / 8.0)
 
 
-def _frequencies(symbols: np.ndarray, alphabet: int) -> np.ndarray:
-    counts = np.bincount(symbols, minlength=alphabet).astype(np.float64)
-    scaled = np.rint(counts * (_FREQ_TOTAL / max(symbols.size, 1)))
-    return np.where(counts > 0, np.maximum(scaled, 1), 0).astype(np.uint16)
+def _counts(symbols: np.ndarray, alphabet: int) -> np.ndarray:
+    return np.bincount(symbols, minlength=alphabet).astype(np.int64)
 
 
-def _model(freq: np.ndarray) -> constriction.stream.model.Categorical:
-    return constriction.stream.model.Categorical(freq.astype(np.float64), perfect=False)
+def _model(counts: np.ndarray) -> constriction.stream.model.Categorical:
+    return constriction.stream.model.Categorical(counts.astype(np.float64), perfect=False)
 
 
-def _pack(count: int, freq: np.ndarray, coder: constriction.stream.stack.AnsCoder) -> bytes:
+def _pack(counts: np.ndarray, coder: constriction.stream.stack.AnsCoder) -> bytes:
     words = coder.get_compressed().astype("<u4", copy=False)
-    return _HEADER.pack(count, freq.size) + freq.astype("<u2", copy=False).tobytes() + words.tobytes()
+    return encode_varints(np.array([counts.size])) + encode_varints(counts) + words.tobytes()
 
 
 def _unpack(data: bytes | memoryview, count: int) -> tuple[np.ndarray, constriction.stream.stack.AnsCoder]:
-    if len(data) < _HEADER.size:
-        raise CodecError("entropy-coded stream truncated in its header")
-    n, alphabet = _HEADER.unpack_from(data, 0)
-    if n != count:
-        raise CodecError(f"entropy-coded stream holds {n} symbols, expected {count}")
-    table_end = _HEADER.size + 2 * alphabet
-    if alphabet < 2 or len(data) < table_end or (len(data) - table_end) % 4:
-        raise CodecError("entropy-coded stream has a malformed frequency table or word count")
-    freq = np.frombuffer(data, dtype="<u2", count=alphabet, offset=_HEADER.size)
-    if not freq.any():
-        raise CodecError("entropy-coded stream has an empty frequency table")
+    head, used = decode_varints(data, 1)
+    alphabet = int(head[0])
+    if not 2 <= alphabet <= _MAX_ALPHABET:
+        raise CodecError(f"entropy-coded stream announces an alphabet of {alphabet} symbols")
+    counts, table = decode_varints(memoryview(data)[used:], alphabet)
+    table_end = used + table
+    if (len(data) - table_end) % 4:
+        raise CodecError("entropy-coded stream does not end on a whole ANS word")
+    if int(counts.sum()) != count:
+        raise CodecError(f"entropy-coded stream holds {int(counts.sum())} symbols, expected {count}")
     words = np.frombuffer(data, dtype="<u4", offset=table_end).astype(np.uint32)
-    return freq, constriction.stream.stack.AnsCoder(words)
+    return counts, constriction.stream.stack.AnsCoder(words)
 
 
 def _finish(coder: constriction.stream.stack.AnsCoder) -> None:
@@ -81,19 +76,19 @@ def encode_symbols(symbols: np.ndarray) -> bytes:
     """Code non-negative integer symbols (alphabet < 65536) with a model fitted to their histogram."""
     sym = np.ascontiguousarray(symbols, dtype=np.int32).reshape(-1)
     alphabet = max(2, int(sym.max()) + 1 if sym.size else 2)
-    if alphabet > 0xFFFF or (sym.size and sym.min() < 0):
-        raise ValueError("symbols must lie in [0, 65535)")
-    freq = _frequencies(sym, alphabet)
+    if alphabet > _MAX_ALPHABET or (sym.size and sym.min() < 0):
+        raise ValueError(f"symbols must lie in [0, {_MAX_ALPHABET})")
+    counts = _counts(sym, alphabet)
     coder = constriction.stream.stack.AnsCoder()
     if sym.size:
-        coder.encode_reverse(sym, _model(freq))
-    return _pack(sym.size, freq, coder)
+        coder.encode_reverse(sym, _model(counts))
+    return _pack(counts, coder)
 
 
 def decode_symbols(data: bytes | memoryview, count: int) -> np.ndarray:
-    freq, coder = _unpack(data, count)
+    counts, coder = _unpack(data, count)
     try:
-        out = coder.decode(_model(freq), count) if count else np.zeros(0, np.int32)
+        out = coder.decode(_model(counts), count) if count else np.zeros(0, np.int32)
     except Exception as err:  # constriction reports exhausted or invalid streams as plain errors
         raise CodecError(f"entropy-coded stream is corrupt: {err}") from err
     _finish(coder)
@@ -126,7 +121,7 @@ def encode_gaps(gaps: np.ndarray) -> bytes:
         raise ValueError(f"gaps must lie in [0, 2**{_MAX_GAP_BITS})")
     sym, low, nbits = _split_gaps(g)
     alphabet = max(2, int(sym.max()) + 1 if sym.size else 2)
-    freq = _frequencies(sym, alphabet)
+    counts = _counts(sym, alphabet)
     coder = constriction.stream.stack.AnsCoder()
     uniform = constriction.stream.model.Uniform()
     lo_bits, hi_bits = _low_parts(nbits)
@@ -137,15 +132,15 @@ def encode_gaps(gaps: np.ndarray) -> bytes:
     if low.size:
         coder.encode_reverse((low & 0xFFFF).astype(np.int32), uniform, (np.int64(1) << lo_bits).astype(np.int32))
     if sym.size:
-        coder.encode_reverse(sym, _model(freq))
-    return _pack(sym.size, freq, coder)
+        coder.encode_reverse(sym, _model(counts))
+    return _pack(counts, coder)
 
 
 def decode_gaps(data: bytes | memoryview, count: int) -> np.ndarray:
-    freq, coder = _unpack(data, count)
+    counts, coder = _unpack(data, count)
     uniform = constriction.stream.model.Uniform()
     try:
-        sym = np.asarray(coder.decode(_model(freq), count), dtype=np.int64) if count else np.zeros(0, np.int64)
+        sym = np.asarray(coder.decode(_model(counts), count), dtype=np.int64) if count else np.zeros(0, np.int64)
         gaps = sym.copy()
         big = sym >= _EXACT
         rank = sym[big] - _EXACT

@@ -5,46 +5,44 @@ from __future__ import annotations
 import numpy as np
 
 
-def _tail_stats(v: np.ndarray, mids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sum and count of the values above each midpoint (one comparison and one dot product each)."""
-    sums = np.empty(mids.size, np.float64)
-    counts = np.empty(mids.size, np.int64)
-    for j, m in enumerate(mids):
-        above = (v > m).view(np.uint8)
-        counts[j] = np.count_nonzero(above)
-        sums[j] = float(np.dot(above.astype(np.float32), v))
-    return sums, counts
-
-
 def kmeans_1d(values: np.ndarray, clusters: int = 3, iters: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """Centroids (float32, ascending) and cluster ids (uint8) of 1-D values.
 
     Centroids start on linspace(min, max), as in the FedZip paper. In one
     dimension the clusters of sorted centroids are the intervals between their
     midpoints, so a Lloyd step needs only the sum and count of the values above
-    each midpoint: a few vectorised passes, no per-value assignment array.
-    The ids come from the last step's midpoints, so every returned centroid is
-    the mean of its cluster; an empty cluster keeps its centroid.
+    each midpoint: one comparison and one dot product per midpoint, no
+    per-value assignment array. The ids come from the last step's midpoints,
+    so every returned centroid is the mean of its cluster; an empty cluster
+    keeps its centroid.
     """
     v = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
     if v.size == 0:
         return np.zeros(clusters, np.float32), np.zeros(0, np.uint8)
+    n = v.size
     total = float(v.sum(dtype=np.float64))
-    centroids = np.linspace(float(v.min()), float(v.max()), clusters)
+    lo, hi = float(v.min()), float(v.max())
+    centroids = [lo + (hi - lo) * j / (clusters - 1) for j in range(clusters)]
+    mids: list[float] = []
     for _ in range(max(1, iters)):
-        mids = ((centroids[1:] + centroids[:-1]) / 2).astype(np.float32)
-        above_sums, above_counts = _tail_stats(v, mids)
-        sums = np.concatenate([[total], above_sums]) - np.concatenate([above_sums, [0.0]])
-        counts = np.concatenate([[v.size], above_counts]) - np.concatenate([above_counts, [0]])
-        moved = centroids.copy()
-        filled = counts > 0
-        moved[filled] = sums[filled] / counts[filled]
-        converged = np.array_equal(moved, centroids)
+        mids = [float(np.float32((a + b) / 2)) for a, b in zip(centroids[:-1], centroids[1:])]
+        upper_sum, upper_count = total, n  # sum and count of values above the previous midpoint
+        moved = []
+        for j in range(clusters):
+            if j < clusters - 1:
+                above = v > mids[j]
+                count = int(np.count_nonzero(above))
+                s = float(np.dot(above.astype(np.float32), v)) if count else 0.0
+            else:
+                count, s = 0, 0.0
+            members = upper_count - count
+            moved.append((upper_sum - s) / members if members > 0 else centroids[j])
+            upper_sum, upper_count = s, count
+        converged = moved == centroids
         centroids = moved
         if converged:
             break
-    # ids from the midpoints of the last update, so each returned centroid is exactly its cluster's mean
-    ids = np.zeros(v.size, np.uint8)
+    ids = np.zeros(n, np.uint8)
     for m in mids:
         ids += (v > m).view(np.uint8)
-    return centroids.astype(np.float32), ids
+    return np.asarray(centroids, np.float32), ids
