@@ -168,7 +168,9 @@ def decode_update(
         raise EnvelopeError("codec-version", f"this build's {info.codec!r} is version {codec.version}")
     try:
         decoded = codec.decode(msg.payload, specs)
-    except Exception as err:  # any failure inside a codec means a payload that does not fit its specs
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # any failure inside a codec (native panics included) is a bad payload
         raise EnvelopeError("bad-payload", f"{info.codec} payload does not decode to its specs: {err}") from err
     for name, arr in decoded.items():
         if not np.isfinite(arr).all():

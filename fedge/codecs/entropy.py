@@ -19,8 +19,9 @@ from fedge.codecs.base import CodecError
 from fedge.codecs.varint import decode_varints, encode_varints
 
 _MAX_ALPHABET = 1 << 16
-_EXACT = 16  # gaps below this are their own bucket
-_PER_OCTAVE_BITS = 2  # 4 buckets per octave above _EXACT
+_EXACT_BITS = 4
+_EXACT = 1 << _EXACT_BITS  # gaps below this are their own bucket
+_PER_OCTAVE_BITS = 2  # 4 buckets per octave above _EXACT; below _EXACT_BITS, so every bucket has low bits
 _MAX_GAP_BITS = 40
 
 
@@ -89,7 +90,9 @@ def decode_symbols(data: bytes | memoryview, count: int) -> np.ndarray:
     counts, coder = _unpack(data, count)
     try:
         out = coder.decode(_model(counts), count) if count else np.zeros(0, np.int32)
-    except Exception as err:  # constriction reports exhausted or invalid streams as plain errors
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # constriction reports invalid streams as errors or (Rust) panics
         raise CodecError(f"entropy-coded stream is corrupt: {err}") from err
     _finish(coder)
     return np.asarray(out, dtype=np.int32)
@@ -103,7 +106,7 @@ def _split_gaps(gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     exp = (np.frexp(gb.astype(np.float64))[1] - 1).astype(np.int64)  # floor(log2 g), exact below 2**53
     nbits = exp - _PER_OCTAVE_BITS
     top = (gb >> nbits) & ((1 << _PER_OCTAVE_BITS) - 1)
-    sym[big] = (_EXACT + ((exp - 4) << _PER_OCTAVE_BITS) + top).astype(np.int32)
+    sym[big] = (_EXACT + ((exp - _EXACT_BITS) << _PER_OCTAVE_BITS) + top).astype(np.int32)
     low = gb & ((np.int64(1) << nbits) - 1)
     return sym, low, nbits
 
@@ -144,7 +147,7 @@ def decode_gaps(data: bytes | memoryview, count: int) -> np.ndarray:
         gaps = sym.copy()
         big = sym >= _EXACT
         rank = sym[big] - _EXACT
-        exp = (rank >> _PER_OCTAVE_BITS) + 4
+        exp = (rank >> _PER_OCTAVE_BITS) + _EXACT_BITS
         top = rank & ((1 << _PER_OCTAVE_BITS) - 1)
         nbits = exp - _PER_OCTAVE_BITS
         if nbits.size and nbits.max() > _MAX_GAP_BITS:
@@ -157,9 +160,9 @@ def decode_gaps(data: bytes | memoryview, count: int) -> np.ndarray:
         if has_hi.any():
             hi = np.asarray(coder.decode(uniform, (np.int64(1) << hi_bits[has_hi]).astype(np.int32)), dtype=np.int64)
             low[has_hi] |= hi << 16
-    except CodecError:
+    except (CodecError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as err:
+    except BaseException as err:  # constriction reports invalid streams as errors or (Rust) panics
         raise CodecError(f"position stream is corrupt: {err}") from err
     _finish(coder)
     gaps[big] = (((1 << _PER_OCTAVE_BITS) | top) << nbits) | low
