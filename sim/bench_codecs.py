@@ -181,7 +181,11 @@ def print_codec_bench(rows: Sequence[Mapping[str, Any]], console: Any = None) ->
             f"{r['rel_l2_error']:.3f}", f"{r['encode_mbps']:.0f}", f"{r['decode_mbps']:.0f}",
             f"{r['encode_vs_memcpy']:.3f}", f"{r['decode_vs_memcpy']:.3f}", f"{r['memcpy_mbps']:.0f}",
         )
-    (console or Console()).print(table)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped to a file or a log: do not squeeze the table to 80 columns
+            console = Console(width=200)
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

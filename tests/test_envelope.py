@@ -146,3 +146,24 @@ def test_specs_without_expected_are_capped() -> None:
     encoded = codec.encode(update)
     data = pack(codec, encoded.payload, encoded.specs)
     reject(data, "bad-specs", max_elements=100)
+
+
+@pytest.mark.parametrize("name", ["dense", "fedzip", "flasc", "ternary", "q8", "q4"])
+def test_corrupted_payloads_with_valid_checksums_never_escape_as_other_errors(name: str) -> None:
+    """A sender with a bug (or worse) can checksum garbage: the receiver must still answer with EnvelopeError."""
+    update = make_update(2)
+    data, _ = encode_update(update, build_codec(name))
+    payload = envelope_pb2.UpdateEnvelope.FromString(data).payload
+    rng = np.random.default_rng(7)
+    expected = expected_specs(update)
+    for _ in range(40):
+        corrupt = bytearray(payload)
+        for pos in rng.integers(0, len(corrupt), size=rng.integers(1, 4)):
+            corrupt[pos] = int(rng.integers(0, 256))
+        forged = edit(data, payload=bytes(corrupt), payload_sha256=hashlib.sha256(bytes(corrupt)).digest())
+        try:
+            out = decode_update(forged, expected, LIMIT)
+        except EnvelopeError as err:
+            assert err.reason in {"bad-payload", "non-finite"}
+        else:
+            assert all(np.isfinite(v).all() and v.shape == update[k].shape for k, v in out.items())
