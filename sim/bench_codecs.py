@@ -17,6 +17,7 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -96,8 +97,8 @@ def bench_update(label: str, update: Update, codecs: Sequence[str], *, repeats: 
         envelope, _ = encode_update(update, codec)
         received = decode_update(envelope, expected, max_bytes=len(envelope))
         report = entropy_report(encoded)
-        enc_s = _seconds_per_call(lambda c=codec: c.encode(update), repeats)
-        dec_s = _seconds_per_call(lambda c=codec, e=encoded: c.decode(e.payload, e.specs), repeats)
+        enc_s = _seconds_per_call(partial(codec.encode, update), repeats)
+        dec_s = _seconds_per_call(partial(codec.decode, encoded.payload, encoded.specs), repeats)
         err = float(np.linalg.norm((flat - _flat(decoded)).astype(np.float64)))
         ec_bound = report["entropy_coded_bound_bytes"]
         rows.append({

@@ -16,7 +16,6 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-Update = "OrderedDict[str, np.ndarray]"
 
 #: dtypes an update tensor may have on the wire (decoded arrays come back in this dtype).
 SUPPORTED_DTYPES = ("float32", "float16", "float64")

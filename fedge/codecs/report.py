@@ -16,17 +16,15 @@ def entropy_report(encoded: Encoded) -> dict[str, Any]:
     codes (q8/q4) report the entropy of their codes, showing what an entropy
     coder would still save. Framing (4 bytes a section) is counted as overhead.
     """
-    sections = []
-    for s in encoded.sections:
-        sections.append({"name": s.name, "bytes": s.nbytes, "bound_bytes": s.bound_bytes(),
-                         "entropy_coded": s.entropy_coded})
-    coded = [s for s in sections if s["entropy_coded"]]
-    total_bound = sum(s["bound_bytes"] for s in sections)
+    bounds = [s.bound_bytes() for s in encoded.sections]
+    sections = [{"name": s.name, "bytes": s.nbytes, "bound_bytes": b, "entropy_coded": s.entropy_coded}
+                for s, b in zip(encoded.sections, bounds, strict=True)]
+    total_bound = sum(bounds)
     return {
         "bytes": encoded.nbytes,
         "bound_bytes": total_bound,
         "coded_over_bound": encoded.nbytes / total_bound if total_bound else 1.0,
-        "entropy_coded_bytes": sum(s["bytes"] for s in coded),
-        "entropy_coded_bound_bytes": sum(s["bound_bytes"] for s in coded),
+        "entropy_coded_bytes": sum(s.nbytes for s in encoded.sections if s.entropy_coded),
+        "entropy_coded_bound_bytes": sum(b for s, b in zip(encoded.sections, bounds, strict=True) if s.entropy_coded),
         "sections": sections,
     }
