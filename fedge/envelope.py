@@ -68,12 +68,19 @@ def pack(codec: Codec, payload: bytes, specs: list[TensorSpec]) -> bytes:
     return msg.SerializeToString()
 
 
-def encode_update(update: Mapping[str, np.ndarray], codec: Codec) -> tuple[bytes, OrderedDict[str, np.ndarray]]:
+def encode_update(update: Mapping[str, np.ndarray], codec: Codec, *,
+                  check_finite: bool = True) -> tuple[bytes, OrderedDict[str, np.ndarray]]:
     """The serialized envelope and the update exactly as the receiver will reconstruct it.
 
     The reconstruction comes from the codec's own decoder, so a sender's error
-    feedback (residual = update - decoded) sees precisely what was lost.
+    feedback (residual = update - decoded) sees precisely what was lost. A
+    non-finite update is refused here (ValueError), where its cause is visible,
+    rather than at the receiver.
     """
+    if check_finite:
+        bad = [name for name, arr in update.items() if not np.isfinite(arr).all()]
+        if bad:
+            raise ValueError(f"update has NaN or infinite values in {bad[:5]}")
     encoded = codec.encode(update)
     decoded = codec.decode(encoded.payload, encoded.specs)
     return pack(codec, encoded.payload, encoded.specs), decoded
