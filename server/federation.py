@@ -60,8 +60,9 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: RoundCallback | 
     method = get_method(settings.method)
     scenario = load_scenario(settings.scenario, **settings.scenario_options())
     model = build_federated_model(scenario, method, settings)
-    arrays = to_record(exchanged_state(model, method))
-    strategy = build_strategy(method, settings)
+    initial = exchanged_state(model, method)
+    arrays = to_record(initial)
+    strategy = build_strategy(method, settings, initial)
     config = ConfigRecord(settings.to_config())
 
     base = evaluate_fleet(strategy, 0, arrays, config, grid, settings.round_timeout)
