@@ -13,7 +13,10 @@ from collections.abc import Callable
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedge.client.codec import train_codec
 from fedge.client.job import Job, prepare_job
+from fedge.client.pfedgate import evaluate_pfedgate, train_pfedgate
+from fedge.client.profile import profile_reply
 from fedge.federated_model import exchanged_state
 from fedge.state import to_record
 from fedge.training import evaluate, train_epochs
@@ -47,8 +50,8 @@ def evaluate_plain(job: Job, msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-TRAINERS: dict[str, Handler] = {"plain": train_plain}
-EVALUATORS: dict[str, Handler] = {"plain": evaluate_plain}
+TRAINERS: dict[str, Handler] = {"plain": train_plain, "codec": train_codec, "pfedgate": train_pfedgate}
+EVALUATORS: dict[str, Handler] = {"plain": evaluate_plain, "codec": evaluate_plain, "pfedgate": evaluate_pfedgate}
 
 
 @app.train()
@@ -61,3 +64,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     job = prepare_job(msg, context)
     return EVALUATORS[job.method.client](job, msg, context)
+
+
+@app.query("profile")
+def query_profile(msg: Message, context: Context) -> Message:
+    """The node's partition and device profile, for strategies that treat tiers differently."""
+    return profile_reply(msg, context)

@@ -12,11 +12,13 @@ from flwr.app import ConfigRecord, Context, Message
 from torch import nn
 
 from fedge.device import resolve_device
-from fedge.federated_model import build_federated_model, load_exchanged_state
+from fedge.federated_model import build_federated_model, exchanged_state, load_exchanged_state
 from fedge.methods import Method, get_method
 from fedge.runconfig import RunSettings
 from fedge.scenario import ClientData, Scenario, load_scenario
+from fedge.sparse_download import DOWNLOAD_RECORD, decode_download
 from fedge.state import from_record
+from fedge.update_record import envelope_bytes
 
 
 @dataclass
@@ -59,7 +61,11 @@ def prepare_job(msg: Message, context: Context) -> Job:
     scenario = load_scenario(settings.scenario, **options)
     data = _client_data(settings.scenario, tuple(sorted(options.items())), pid, num)
     model = build_federated_model(scenario, method, settings)
-    global_state = from_record(msg.content.array_records["arrays"])
+    if DOWNLOAD_RECORD in msg.content.array_records:  # sparse download: init + the top changes
+        envelope = envelope_bytes(msg.content, DOWNLOAD_RECORD)
+        global_state = decode_download(envelope, exchanged_state(model, method), settings.max_update_bytes)
+    else:
+        global_state = from_record(msg.content.array_records["arrays"])
     load_exchanged_state(model, method, global_state)
     return Job(settings, method, pid, data, scenario, model, global_state, int(config.get("server-round", 0)),
                resolve_device(settings.device))

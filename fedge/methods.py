@@ -49,6 +49,35 @@ register(Method(
 ))
 
 
+_COMPRESSED = dict(payload="lora", client="codec", strategy="compressed", error_feedback=True)
+register(Method(
+    "fedzip", codec="fedzip", **_COMPRESSED,  # type: ignore[arg-type]
+    summary="FedZip: per-layer top-z (20%) of the LoRA update, 3-cluster k-means values, entropy-coded ids and positions.",
+))
+register(Method(
+    "flasc", codec="flasc", **{**_COMPRESSED, "strategy": "flasc"},  # type: ignore[arg-type]
+    summary="FLASC: global top-k of the LoRA update at density d_up, sparse top-k download at d_down, "
+            "server AdamW on the averaged pseudo-gradient.",
+))
+register(Method(
+    "ternary", codec="ternary", **_COMPRESSED,  # type: ignore[arg-type]
+    summary="ComPEFT: top-20% of the LoRA update as signs plus one scale per tensor.",
+))
+register(Method(
+    "q8", codec="q8", **{**_COMPRESSED, "error_feedback": False},  # type: ignore[arg-type]
+    summary="Block-wise 8-bit quantization of the dense LoRA update (NVIDIA FLARE's filter as the peer baseline).",
+))
+register(Method(
+    "q4", codec="q4", **{**_COMPRESSED, "error_feedback": False},  # type: ignore[arg-type]
+    summary="Block-wise 4-bit quantization of the dense LoRA update (NVIDIA FLARE's filter as the peer baseline).",
+))
+register(Method(
+    "pfedgate", "full", client="pfedgate", strategy="blockavg", lr=1e-3,
+    summary="pFedGate: a personal gate per client scores blocks of the shared model; a knapsack under the "
+            "device's sparsity budget keeps and scales blocks; only kept blocks go up, averaged per block.",
+))
+
+
 def get_method(name: str) -> Method:
     try:
         return METHODS[name]

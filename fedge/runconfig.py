@@ -6,6 +6,17 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
+def _coerce(default: Any, value: Any, key: str) -> Any:
+    if isinstance(default, bool) and isinstance(value, str):
+        if value.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+            raise ValueError(f"run config {key}={value!r} is not a boolean")
+        return value.lower() in {"true", "1", "yes"}
+    try:
+        return type(default)(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"run config {key}={value!r} is not a {type(default).__name__}") from err
+
+
 @dataclass
 class RunSettings:
     method: str = "lora-fedavg"
@@ -23,6 +34,32 @@ class RunSettings:
     device: str = "auto"
     client_threads: int = 1
     round_timeout: float = 600.0
+    # ---- real fleets: dropouts and checkpoints ----
+    min_replies: float = 0.5  # below 1: fraction of the nodes sent to; 1 or more: a node count
+    round_retries: int = 2  # a round with too few replies is sent again, at most this often
+    node_wait: float = 300.0  # seconds to wait for num-clients nodes to connect before starting
+    checkpoint: str = "auto"  # auto: resume from the last complete round; fresh: start over; off
+    checkpoint_dir: str = ""  # default: <out-dir>/checkpoints
+    # ---- compressed updates (papers' defaults) ----
+    error_feedback: bool = True  # for the methods that keep a residual (sparsifying codecs)
+    fedzip_z: float = 0.2
+    kmeans_clusters: int = 3
+    density_up: float = 1 / 32  # FLASC upload density
+    density_down: float = 0.25  # FLASC download density
+    ternary_k: float = 0.2
+    quant_block: int = 64
+    server_opt: str = "sgd"  # FLASC server optimizer: sgd (lr 1 = FedAvg of sparse updates) or adamw
+    server_lr: float = 0.0  # 0: 1.0 for sgd, 1e-3 for adamw
+    max_update_bytes: int = 64 << 20
+    #: fault drill: comma-separated partition ids whose uploads are deliberately damaged
+    fault_partitions: str = ""
+    fault_kind: str = "corrupt"
+    # ---- pFedGate ----
+    gate_splits: int = 4  # contiguous blocks per shared tensor
+    gate_lr: float = 0.01
+    budgets: str = ""  # per-tier sparsity budgets "strong,mid,weak", e.g. "1.0,0.5,0.3"; empty: the device profiles'
+    novel_clients: int = 1  # last partitions held out of training; they join at the end and train only their gate
+    novel_epochs: int = 3  # the novel clients' gate-only epochs
     out_dir: str = "fedge-out"
 
     @classmethod
@@ -33,11 +70,21 @@ class RunSettings:
         for key, value in config.items():
             name = key.replace("-", "_")
             if name in known:
-                values[name] = type(getattr(cls(), name))(value)
+                values[name] = _coerce(getattr(cls(), name), value, key)
         return cls(**values)
 
     def to_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def codec_params(self, codec: str) -> dict[str, Any]:
+        """The run's knobs for one codec, by the codec's own parameter names."""
+        return {
+            "fedzip": {"z": self.fedzip_z, "clusters": self.kmeans_clusters},
+            "flasc": {"density": self.density_up},
+            "ternary": {"k": self.ternary_k},
+            "q8": {"block": self.quant_block},
+            "q4": {"block": self.quant_block},
+        }.get(codec, {})
 
     def scenario_options(self) -> dict[str, Any]:
         return {"seed": self.seed, "alpha": self.alpha}

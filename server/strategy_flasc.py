@@ -1,0 +1,58 @@
+"""FLASC: sparse download, sparse upload, and a server optimizer on the averaged pseudo-gradient."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedge.server.strategy_compressed import CompressedFedAvg
+from fedge.sparse_download import DOWNLOAD_RECORD, encode_download
+from fedge.update_record import envelope_record
+
+
+class FlascStrategy(CompressedFedAvg):
+    def __init__(self, *, initial: dict[str, np.ndarray], density_down: float, server_opt: str, server_lr: float,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.initial = OrderedDict((k, v.copy()) for k, v in initial.items())
+        self.density_down = density_down
+        self.params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in initial.items()}
+        if server_opt == "adamw":
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(self.params.values(), lr=server_lr or 1e-3,
+                                                                     weight_decay=0.0)
+        elif server_opt == "sgd":
+            self.optimizer = torch.optim.SGD(self.params.values(), lr=server_lr or 1.0)
+        else:
+            raise ValueError(f"server-opt must be adamw or sgd, got {server_opt!r}")
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.density_down >= 1.0:
+            return messages
+        assert self._current is not None
+        download = envelope_record(encode_download(self._current, self.initial, self.density_down))
+        for msg in messages:
+            msg.content = RecordDict({DOWNLOAD_RECORD: download, "config": msg.content.config_records["config"]})
+        return messages
+
+    def apply(self, current: OrderedDict[str, np.ndarray], mean_update: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+        """The mean update is a negative pseudo-gradient; the optimizer takes the step."""
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(torch.from_numpy(current[k]))
+                p.grad = torch.from_numpy(-mean_update[k])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return OrderedDict((k, p.detach().numpy().copy()) for k, p in self.params.items())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
