@@ -87,6 +87,8 @@ def encode_update(update: Mapping[str, np.ndarray], codec: Codec, *,
 
 
 def _parse(data: bytes, max_bytes: int) -> envelope_pb2.UpdateEnvelope:
+    if not isinstance(data, bytes):
+        data = bytes(data)  # bytearray / memoryview from a transport
     if len(data) > max_bytes:
         raise EnvelopeError("too-large", f"envelope of {len(data)} bytes exceeds the limit of {max_bytes}")
     msg = envelope_pb2.UpdateEnvelope()
@@ -136,7 +138,7 @@ def _check_expected(specs: list[TensorSpec], expected: Expected) -> None:
         raise EnvelopeError("spec-mismatch", f"tensor names differ: missing {missing[:5]}, unexpected {extra[:5]}")
     for s in specs:
         shape, dtype = expected[s.name]
-        if tuple(shape) != s.shape or str(dtype) != s.dtype:
+        if tuple(int(d) for d in shape) != s.shape or np.dtype(dtype).name != s.dtype:
             raise EnvelopeError("spec-mismatch", f"tensor {s.name!r} is {s.shape} {s.dtype}, "
                                                  f"expected {tuple(shape)} {dtype}")
 
