@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ def make_update(seed: int = 0) -> OrderedDict[str, np.ndarray]:
                         ("a.lora_B.weight", (rng.standard_normal((40, 16)) * 1e-3).astype(np.float32))])
 
 
-def reject(data: bytes, reason: str, expected=None, max_bytes: int = LIMIT, **kw) -> EnvelopeError:  # type: ignore[no-untyped-def]
+def reject(data: bytes, reason: str, expected: dict | None = None, max_bytes: int = LIMIT,
+           **kw: Any) -> EnvelopeError:
     with pytest.raises(EnvelopeError) as info:
         decode_update(data, expected, max_bytes, **kw)
     assert info.value.reason == reason, str(info.value)
