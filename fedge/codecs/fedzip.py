@@ -19,7 +19,7 @@ class FedZipCodec:
     """Payload sections: counts, centroids (fp32, `clusters` per tensor), cluster ids, positions.
 
     The paper codes ids and addresses with Huffman; here both go through an
-    ANS coder with a fitted model, which is never worse than Huffman.
+    ANS coder with a fitted model, which gets closer to the entropy than whole-bit Huffman codes.
     """
 
     name = "fedzip"
