@@ -50,13 +50,16 @@ def lora_update(scenario: str = "digits-shift", *, partition: int = 0, num_parti
 
 def random_update(num_params: int = 10_000_000, *, tensors: int = 40, df: float = 3.0, scale: float = 1e-3,
                   seed: int = 0) -> Update:
-    """A heavy-tailed synthetic update (Student-t, `df` degrees of freedom) split into equal 2-D tensors."""
+    """A heavy-tailed synthetic update (Student-t, `df` degrees of freedom): `num_params` entries in
+    `tensors` 2-D tensors of nearly equal size."""
     rng = np.random.default_rng(seed)
-    per = max(1, num_params // tensors)
-    cols = 256 if per >= 256 else per
-    rows = max(1, per // cols)
-    return OrderedDict((f"layer{i}.weight", (rng.standard_t(df, (rows, cols)) * scale).astype(np.float32))
-                       for i in range(tensors))
+    tensors = max(1, min(tensors, num_params))
+    out: Update = OrderedDict()
+    for i in range(tensors):
+        size = num_params // tensors + (1 if i < num_params % tensors else 0)
+        cols = next(c for c in range(min(256, size), 0, -1) if size % c == 0)
+        out[f"layer{i}.weight"] = (rng.standard_t(df, (size // cols, cols)) * scale).astype(np.float32)
+    return out
 
 
 def _seconds_per_call(fn: Callable[[], object], repeats: int, min_batch_s: float = 0.02) -> float:
