@@ -1,8 +1,11 @@
-"""The round loop: configure, send, receive, aggregate, evaluate, account bytes.
+"""The round loop: configure, send, receive, aggregate, evaluate, account bytes, checkpoint.
 
 Flower's `Strategy.start` runs the same steps; fedge keeps its own loop so that
 every round's wire bytes, fleet accuracy and checkpoint are recorded at the
-point they happen.
+point they happen, and so that a real fleet's failures are handled where they
+show: a node that vanishes costs at most `round-timeout`, a round with fewer
+than `min-replies` replies is sent again (`round-retries` times), and a
+restarted server continues after the last checkpointed round.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -23,13 +26,19 @@ from fedge.models import count_params
 from fedge.results import ClientEval, FleetAccuracy, fleet_accuracy, record_method
 from fedge.runconfig import RunSettings
 from fedge.scenario import load_scenario
+from fedge.server.checkpoints import RunCheckpoints
+from fedge.server.nodes import connected_view, required_replies, wait_for_nodes
 from fedge.server.strategies import build_strategy
-from fedge.state import to_record
+from fedge.state import from_record, to_record
 from fedge.wire import total_wire_bytes
 
 log = logging.getLogger("fedge.server")
 
 RoundCallback = Callable[[str, dict[str, Any]], None]
+
+
+class RoundFailed(RuntimeError):
+    """Too few replies even after the allowed retries; the checkpoint keeps every earlier round."""
 
 
 @dataclass
@@ -41,10 +50,27 @@ class FederationOutcome:
     arrays: ArrayRecord | None = None
 
 
+@dataclass
+class TrainRound:
+    arrays: ArrayRecord | None
+    metrics: MetricRecord | None
+    replies: int
+    sent: int
+    attempts: int
+    uplink: int
+    downlink: int
+
+
 def evaluate_fleet(strategy: Strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
                    timeout: float) -> FleetAccuracy:
-    messages = list(strategy.configure_evaluate(server_round, arrays, config, grid))
-    replies = grid.send_and_receive(messages, timeout=timeout)
+    """Fleet accuracy over the nodes connected now; a node that does not answer in time is left out."""
+    nodes = list(grid.get_node_ids())
+    if not nodes:
+        log.warning("round %d: no node connected for evaluation", server_round)
+        return fleet_accuracy([])
+    with connected_view(strategy, grid, nodes) as view:
+        messages = list(strategy.configure_evaluate(server_round, arrays, config, view))
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
     evals = []
     for reply in replies:
         if reply.has_error():
@@ -52,7 +78,36 @@ def evaluate_fleet(strategy: Strategy, server_round: int, arrays: ArrayRecord, c
             continue
         m = reply.content.metric_records["metrics"]
         evals.append(ClientEval(int(m["partition-id"]), int(m["num-examples"]), int(m["correct"]), int(m["personal-correct"])))
+    if len(evals) < len(messages):
+        log.warning("round %d: %d of %d nodes evaluated", server_round, len(evals), len(messages))
     return fleet_accuracy(evals)
+
+
+def train_round(strategy: Strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                settings: RunSettings) -> TrainRound:
+    """Send the round to the connected nodes; aggregate what arrives if enough did, else send it again."""
+    uplink = downlink = 0
+    for attempt in range(1, settings.round_retries + 2):
+        nodes = list(grid.get_node_ids())
+        with connected_view(strategy, grid, nodes) as view:
+            messages: list[Message] = list(strategy.configure_train(server_round, arrays, config, view))
+        downlink += total_wire_bytes(messages)
+        replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+        ok = [r for r in replies if not r.has_error()]
+        uplink += total_wire_bytes(ok)
+        for r in replies:
+            if r.has_error():
+                log.warning("round %d: node %s failed: %s", server_round, r.metadata.src_node_id, r.error.reason)
+        need = required_replies(settings.min_replies, len(messages))
+        if messages and len(ok) >= need:
+            if len(ok) < len(messages):
+                log.warning("round %d: aggregating %d of %d replies (%d needed)", server_round, len(ok),
+                            len(messages), need)
+            aggregated, metrics = strategy.aggregate_train(server_round, replies)
+            return TrainRound(aggregated, metrics, len(ok), len(messages), attempt, uplink, downlink)
+        log.warning("round %d attempt %d: %d of %d replies, %d needed; %s", server_round, attempt, len(ok),
+                    len(messages), need, "retrying" if attempt <= settings.round_retries else "giving up")
+    raise RoundFailed(f"round {server_round}: too few replies after {settings.round_retries + 1} attempts")
 
 
 def run_federation(grid: Grid, settings: RunSettings, on_round: RoundCallback | None = None) -> FederationOutcome:
@@ -64,37 +119,51 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: RoundCallback | 
     arrays = to_record(initial)
     strategy = build_strategy(method, settings, initial)
     config = ConfigRecord(settings.to_config())
+    checkpoints = RunCheckpoints(settings)
 
-    base = evaluate_fleet(strategy, 0, arrays, config, grid, settings.round_timeout)
-    outcome = FederationOutcome(method=method.name, base=base)
-    log.info("%s: base accuracy %.4f on %d clients", method.name, base.accuracy, base.clients)
-    uplink_total = downlink_total = 0
-    fleet = base
-    for server_round in range(1, settings.num_server_rounds + 1):
-        messages: list[Message] = list(strategy.configure_train(server_round, arrays, config, grid))
-        downlink = total_wire_bytes(messages)
-        replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
-        uplink = total_wire_bytes(r for r in replies if not r.has_error())
-        for r in replies:
-            if r.has_error():
-                log.warning("round %d: node %s failed: %s", server_round, r.metadata.src_node_id, r.error.reason)
-        aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
-        if aggregated is not None:
-            arrays = aggregated
+    nodes = wait_for_nodes(grid, settings.num_clients, settings.node_wait)
+    if len(nodes) < required_replies(settings.min_replies, settings.num_clients):
+        raise RoundFailed(f"only {len(nodes)} of {settings.num_clients} nodes connected within {settings.node_wait}s")
+
+    resumed = checkpoints.resume(strategy)
+    rows: list[dict[str, Any]] = []
+    totals = {"uplink_bytes": 0, "downlink_bytes": 0}
+    if resumed is not None:
+        arrays = to_record(resumed.arrays)
+        base, fleet = FleetAccuracy(**resumed.base), FleetAccuracy(**resumed.fleet)
+        rows, totals = resumed.rows, {**totals, **resumed.totals}
+        first_round = resumed.server_round + 1
+    else:
+        base = evaluate_fleet(strategy, 0, arrays, config, grid, settings.round_timeout)
+        fleet, first_round = base, 1
+        log.info("%s: base accuracy %.4f on %d clients", method.name, base.accuracy, base.clients)
+    outcome = FederationOutcome(method=method.name, base=base, rounds=rows)
+
+    for server_round in range(first_round, settings.num_server_rounds + 1):
+        round_started = time.perf_counter()
+        result = train_round(strategy, server_round, arrays, config, grid, settings)
+        if result.arrays is not None:
+            arrays = result.arrays
         fleet = evaluate_fleet(strategy, server_round, arrays, config, grid, settings.round_timeout)
-        uplink_total += uplink
-        downlink_total += downlink
+        totals["uplink_bytes"] += result.uplink
+        totals["downlink_bytes"] += result.downlink
         row: dict[str, Any] = {
             "round": server_round,
             "accuracy": fleet.accuracy,
             "personalized_accuracy": fleet.personalized_accuracy,
-            "uplink_bytes": uplink,
-            "downlink_bytes": downlink,
-            "clients": sum(1 for r in replies if not r.has_error()),
+            "uplink_bytes": result.uplink,
+            "downlink_bytes": result.downlink,
+            "clients": result.replies,
+            "sent": result.sent,
+            "attempts": result.attempts,
+            "eval_clients": fleet.clients,
+            "round_seconds": time.perf_counter() - round_started,
+            "finished_at": time.time(),
         }
-        if train_metrics is not None:
-            row.update({k.replace("-", "_"): float(v) for k, v in train_metrics.items() if k != "partition-id"})
-        outcome.rounds.append(row)
+        if result.metrics is not None:
+            row.update({k.replace("-", "_"): float(v) for k, v in result.metrics.items() if k != "partition-id"})
+        rows.append(row)
+        checkpoints.commit(server_round, from_record(arrays), strategy, rows, totals, base, fleet)
         if on_round is not None:
             on_round(method.name, row)
 
@@ -103,17 +172,23 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: RoundCallback | 
         "accuracy": fleet.accuracy,
         "personalized_accuracy": fleet.personalized_accuracy,
         "bottom_decile_accuracy": fleet.bottom_decile_accuracy,
-        "uplink_bytes": uplink_total,
-        "downlink_bytes": downlink_total,
+        "uplink_bytes": totals["uplink_bytes"],
+        "downlink_bytes": totals["downlink_bytes"],
         "trainable_params": count_params(model, trainable_only=True),
         "total_params": count_params(model),
         "seconds": time.perf_counter() - started,
     }
+    entry: dict[str, Any] = {"summary": method.summary, "rounds": outcome.rounds, "final": outcome.final}
+    finish = getattr(strategy, "finish", None)
+    if callable(finish):  # a strategy's after-federation step (pFedGate: novel clients join) adds its own fields
+        entry.update(finish(grid, arrays, config))
+    if checkpoints.enabled:
+        entry["checkpoint"] = checkpoints.describe(first_round - 1)
     record_method(
         settings.out_dir,
         scenario=scenario.describe(settings.num_clients),
         base_accuracy=base.accuracy,
         name=method.name,
-        entry={"summary": method.summary, "rounds": outcome.rounds, "final": outcome.final},
+        entry=entry,
     )
     return outcome
