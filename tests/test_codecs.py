@@ -10,7 +10,7 @@ import pytest
 from fedge.codecs import CodecError, available_codecs, build_codec, entropy_report, known_codecs
 from fedge.codecs.entropy import decode_gaps, decode_symbols, encode_gaps, encode_symbols, shannon_bytes
 from fedge.codecs.kmeans import kmeans_1d
-from fedge.codecs.select import gaps_of, indices_of, keep_count, topk_indices
+from fedge.codecs.select import gaps_of, indices_of, keep_count, kth_largest, topk_indices
 
 ALL = ["dense", "fedzip", "flasc", "ternary", "q8", "q4"]
 
@@ -180,6 +180,15 @@ def test_topk_is_exact_with_ties() -> None:
     assert topk_indices(m, 2).tolist() == [0, 6]
     assert topk_indices(m, 4).tolist() == [0, 2, 3, 6]
     assert topk_indices(m, 0).size == 0 and topk_indices(m, 9).size == 7
+    rng = np.random.default_rng(11)
+    big = {"heavy": np.abs(rng.standard_t(3, 100_000)), "ties": rng.integers(0, 5, 100_000),
+           "sorted": np.sort(np.abs(rng.standard_normal(100_000))), "zeros": np.zeros(100_000)}
+    for values in big.values():
+        values = values.astype(np.float32)
+        for k in (1, 6_250, 20_000, 99_999):
+            assert kth_largest(values, k) == np.sort(values)[::-1][k - 1]
+            idx = topk_indices(values, k)
+            assert idx.size == k and np.all(np.diff(idx) > 0)
 
 
 def test_kmeans_matches_plain_lloyd() -> None:
