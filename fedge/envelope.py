@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from fedge.codecs import Codec, TensorSpec, build_codec, known_codecs as registry_codecs, specs_of
+from fedge.codecs import Codec, TensorSpec, available_codecs, build_codec, specs_of
+from fedge.codecs import known_codecs as registry_codecs
 from fedge.codecs.base import SUPPORTED_DTYPES
 from fedge.protos import envelope_pb2
 
@@ -169,6 +170,8 @@ def decode_update(
         _check_expected(specs, expected)
     elif sum(s.size for s in specs) > max_elements:
         raise EnvelopeError("bad-specs", f"specs announce more than {max_elements} entries")
+    if info.codec not in available_codecs():
+        raise EnvelopeError("unknown-codec", f"codec {info.codec!r} is accepted but not built into this receiver")
     try:
         codec = build_codec(info.codec, **info.codec_params)
     except ValueError as err:

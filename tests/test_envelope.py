@@ -90,6 +90,7 @@ def test_rejects_unknown_codec_and_wrong_version() -> None:
     reject(edit(data, codec_version=99), "codec-version")
     reject(data, "unknown-codec", known_codecs={"fedzip": 1})
     reject(data, "codec-version", known_codecs={"q8": 2})
+    reject(edit(data, codec="zipzap"), "unknown-codec", known_codecs={"zipzap": 1})
 
 
 def test_rejects_specs_that_do_not_match_expected() -> None:
@@ -150,6 +151,8 @@ def test_specs_without_expected_are_capped() -> None:
     encoded = codec.encode(update)
     data = pack(codec, encoded.payload, encoded.specs)
     reject(data, "bad-specs", max_elements=100)
+    huge = [envelope_pb2.TensorSpec(name="w", shape=[1 << 40, 1 << 40], dtype="float32")]
+    reject(edit(data, tensors=huge), "bad-specs")
 
 
 @pytest.mark.parametrize("name", ["dense", "fedzip", "flasc", "ternary", "q8", "q4"])
