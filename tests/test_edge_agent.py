@@ -1,0 +1,160 @@
+"""Edge agents against a real registry over gRPC on loopback: deploy, refuse, canary, roll back."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _edge_support import base_onnx, onnx_variant, target_data, to_npz, wait_until
+from fedge.artifacts import generate_key
+from fedge.edge.agent import AgentConfig, EdgeAgent
+from fedge.server.registry import Registry, start
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, bytes]:
+    return {"v1": base_onnx(), "v2": onnx_variant("shifted"), "collapsed": onnx_variant("collapsed")}
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[tuple[Registry, str]]:
+    reg = Registry(tmp_path / "registry")
+    server, port = start(reg, "127.0.0.1", 0, workers=16)
+    yield reg, f"127.0.0.1:{port}"
+    reg.stop()
+    server.stop(grace=0.5).wait()
+
+
+def make_agent(tmp_path: Path, address: str, reg: Registry, name: str = "cam-0", **options: float) -> EdgeAgent:
+    data_path = tmp_path / f"{name}.npz"
+    to_npz(data_path, target_data())
+    public = tmp_path / "registry.pub.pem"
+    public.write_bytes(reg.public_key_pem)
+    config = AgentConfig(registry=address, device_id=name, workdir=tmp_path / name, public_key=public, data=data_path,
+                         report_interval_s=0.2, **options)  # type: ignore[arg-type]
+    agent = EdgeAgent(config)
+    agent.start()
+    return agent
+
+
+def events(reg: Registry) -> list[dict]:
+    path = reg.workdir / "telemetry.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [e for line in lines for e in json.loads(line).get("events", [])]
+
+
+def test_agents_receive_and_serve_a_deployment(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
+    reg, address = registry
+    agents = [make_agent(tmp_path, address, reg, f"cam-{i}") for i in range(2)]
+    try:
+        reg.publish(models["v1"], {"note": "first"})
+        for agent in agents:
+            wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
+        reg.publish(models["v2"])
+        for agent in agents:
+            wait_until(lambda: agent.serving_version == 2, what="v2 to serve")
+        x = target_data().tensors[0][:4].numpy()
+        logits, version = agents[0].predict(x)
+        assert version == 2 and logits.shape == (4, 10) and np.isfinite(logits).all()
+        status = wait_until(lambda: [d for d in reg.FleetStatus(None, None).devices
+                                     if d.last_telemetry.serving_version == 2 and d.last_telemetry.num_predictions],
+                            what="telemetry on v2")
+        t = status[0].last_telemetry
+        assert t.runtime == "onnxruntime-cpu" and t.latency_p50_ms > 0 and t.HasField("accuracy") and t.mean_entropy > 0
+        assert {e["status"] for e in events(reg)} == {"deployed"}
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+def test_tampered_and_wrongly_signed_artifacts_are_refused(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
+    reg, address = registry
+    agent = make_agent(tmp_path, address, reg)
+    try:
+        reg.publish(models["v1"])
+        wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
+        x = target_data().tensors[0][:8].numpy()
+        before, _ = agent.predict(x)
+
+        # v2: a byte of the stored model flipped after signing (same size, valid signature, wrong sha256)
+        reg.publish(models["v2"])
+        stored = reg.store.read(2).path
+        blob = bytearray(stored.read_bytes())
+        blob[len(blob) // 2] ^= 0xFF
+        stored.write_bytes(bytes(blob))
+        wait_until(lambda: 2 in agent._rejected, what="tampered v2 to be refused")
+        assert "sha256" in agent._rejected[2]
+
+        # v3: a well-formed artifact signed by a key the agent does not trust
+        reg.key = generate_key(tmp_path / "rogue.pem")
+        reg.publish(models["v2"])
+        wait_until(lambda: 3 in agent._rejected, what="wrongly signed v3 to be refused")
+        assert "signature" in agent._rejected[3]
+
+        after, version = agent.predict(x)  # the old model keeps answering, unchanged
+        assert version == 1
+        np.testing.assert_array_equal(before, after)
+        wait_until(lambda: sum(e["status"] == "rejected" for e in events(reg)) >= 2, what="rejections reported")
+        assert not list((agent.workdir / "models").glob("v000002*")) and not list((agent.workdir / "models").glob("v000003*"))
+    finally:
+        agent.stop()
+
+
+def test_a_model_that_fails_its_canary_is_not_served(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
+    reg, address = registry
+    agent = make_agent(tmp_path, address, reg)
+    try:
+        reg.publish(models["v1"])
+        wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
+        reg.publish(models["collapsed"])
+        wait_until(lambda: 2 in agent._rejected, what="collapsed v2 to fail its canary")
+        assert "canary" in agent._rejected[2] and "collapsed" in agent._rejected[2]
+        assert agent.predict(target_data().tensors[0][:2].numpy())[1] == 1
+        reg.publish(models["v2"])  # a good later version still deploys
+        wait_until(lambda: agent.serving_version == 3, what="v3 to serve")
+    finally:
+        agent.stop()
+
+
+def test_live_failure_rolls_back_to_the_last_good_model(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
+    reg, address = registry
+    agent = make_agent(tmp_path, address, reg)
+    try:
+        reg.publish(models["v1"])
+        wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
+        reg.publish(models["v2"])
+        wait_until(lambda: agent.serving_version == 2, what="v2 to serve")
+
+        class Broken:
+            runtime = "onnxruntime-cpu"
+
+            def predict(self, x: np.ndarray) -> np.ndarray:
+                return np.full((len(x), 10), np.nan, dtype=np.float32)
+
+        served = agent._served
+        assert served is not None
+        object.__setattr__(served, "model", Broken())  # v2 starts producing NaNs in the field
+        wait_until(lambda: agent.serving_version == 1, what="rollback to v1")
+        assert "rolled_back" in {e["status"] for e in wait_until(lambda: events(reg) if any(
+            e["status"] == "rolled_back" for e in events(reg)) else [], what="rollback reported")}
+        assert (agent.workdir / "current").read_text().strip() == "1"
+    finally:
+        agent.stop()
+
+
+def test_agent_restarts_on_its_last_verified_model(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
+    reg, address = registry
+    agent = make_agent(tmp_path, address, reg)
+    reg.publish(models["v1"])
+    wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
+    agent.stop()
+    again = make_agent(tmp_path, "127.0.0.1:1", reg)  # registry unreachable: serve from disk
+    try:
+        assert again.serving_version == 1
+        assert again.predict(target_data().tensors[0][:2].numpy())[1] == 1
+    finally:
+        again.stop()

@@ -1,0 +1,103 @@
+"""Export: ONNX reproduces PyTorch, the batch stays dynamic, INT8/FP16 variants keep their promises."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from _edge_support import seeded_model, target_data, trained_model
+from fedge.models import LORA_TARGETS
+from fedge.onnx_export import (
+    ExportError, apply_initializers, changed_initializers, decode_weights, encode_weights, export_model, run_onnx,
+    to_onnx,
+)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    sets = [target_data(4, p) for p in range(4)]
+    return torch.cat([s.tensors[0] for s in sets]), torch.cat([s.tensors[1] for s in sets])
+
+
+@pytest.fixture(scope="module")
+def exported(data):  # type: ignore[no-untyped-def]
+    model = trained_model()
+    x, y = data
+    return model, export_model(model, x, y, architecture="digits-cnn")
+
+
+def test_onnx_matches_pytorch_with_dynamic_batch(exported, data) -> None:  # type: ignore[no-untyped-def]
+    model, result = exported
+    assert result.metadata["max_abs_diff_vs_torch"] < 1e-4
+    graph_input = onnx.load_from_string(result.fp32).graph.input[0]
+    assert graph_input.type.tensor_type.shape.dim[0].dim_param  # symbolic, not a fixed batch
+    for n in (1, 33):
+        x = data[0][:n]
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = run_onnx(result.fp32, x.numpy())
+        assert got.shape == (n, 10)
+        assert np.abs(got - expected).max() < 1e-4
+
+
+def test_int8_is_small_and_keeps_accuracy(exported) -> None:  # type: ignore[no-untyped-def]
+    _, result = exported
+    meta = result.metadata
+    assert meta["int8_bytes_ratio"] <= 0.35
+    assert len(result.int8) == meta["int8_bytes"]
+    assert abs(meta["int8_accuracy"] - meta["fp32_accuracy"]) <= 0.01
+
+
+def test_fp16_halves_the_weights_and_stays_close(exported) -> None:  # type: ignore[no-untyped-def]
+    _, result = exported
+    meta = result.metadata
+    assert meta["fp16_bytes"] < 0.55 * len(result.fp32)
+    assert meta["fp16_max_abs_diff_vs_fp32"] < 0.05
+    assert abs(meta["fp16_accuracy"] - meta["fp32_accuracy"]) <= 0.01
+
+
+def test_lora_adapters_are_merged_into_the_export(data) -> None:  # type: ignore[no-untyped-def]
+    base = seeded_model(0)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS["digits-cnn"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # non-zero B: the adapter changes the output
+    x = data[0][:16]
+    onnx_bytes = to_onnx(peft_model, x[:2])
+    names = [i.name for i in onnx.load_from_string(onnx_bytes).graph.initializer]
+    assert not any("lora" in n for n in names)
+    with torch.no_grad():
+        expected = peft_model(x).numpy()
+    assert np.abs(run_onnx(onnx_bytes, x.numpy()) - expected).max() < 1e-4
+    assert any("lora_A" in n for n, _ in peft_model.named_parameters())  # the caller's model is untouched
+
+
+def test_weight_only_update_rebuilds_the_new_model(exported, data) -> None:  # type: ignore[no-untyped-def]
+    model, result = exported
+    x = data[0][:8]
+    new_model = copy.deepcopy(model)
+    with torch.no_grad():  # only the head changes, as with a head-only adapter
+        new_model.fc2.weight.add_(0.01)
+        new_model.fc2.bias.sub_(0.01)
+    old, new = result.fp32, to_onnx(new_model, x)
+    changes = changed_initializers(old, new)
+    assert set(changes) == {"fc2.weight", "fc2.bias"}
+    payload = encode_weights(changes)
+    assert len(payload) < 0.01 * len(new)
+    rebuilt = apply_initializers(old, decode_weights(payload))
+    np.testing.assert_array_equal(run_onnx(rebuilt, x.numpy()), run_onnx(new, x.numpy()))
+
+
+def test_refit_refuses_a_different_graph(exported) -> None:  # type: ignore[no-untyped-def]
+    _, result = exported
+    other = onnx.load_from_string(result.fp32)
+    relu = next(n for n in other.graph.node if n.op_type == "Relu")
+    relu.op_type = "Sigmoid"  # same weights, different computation
+    with pytest.raises(ExportError, match="graph structure"):
+        changed_initializers(result.fp32, other.SerializeToString())

@@ -1,0 +1,108 @@
+"""Runtime choice and the TensorRT path (which skips, saying why, where TensorRT or a GPU is missing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from _edge_support import base_onnx, onnx_variant, target_data
+from fedge.edge import tensorrt_engine
+from fedge.edge.runtime import OnnxRuntimeModel, choose_runtime, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_runtime_choice_follows_what_the_device_has() -> None:
+    chosen = choose_runtime()
+    usable, _ = tensorrt_engine.available()
+    providers = ort.get_available_providers()
+    if usable:
+        assert chosen == "tensorrt"
+    elif "TensorrtExecutionProvider" in providers:
+        assert chosen == "onnxruntime-tensorrt"
+    elif "CUDAExecutionProvider" in providers:
+        assert chosen == "onnxruntime-cuda"
+    else:
+        assert chosen == "onnxruntime-cpu"
+    assert choose_runtime("onnxruntime-cpu") == "onnxruntime-cpu"
+    with pytest.raises(ValueError, match="unknown runtime"):
+        choose_runtime("tflite")
+    if not usable:
+        with pytest.raises(RuntimeError, match="not available"):
+            choose_runtime("tensorrt")
+
+
+def test_onnxruntime_model_serves_any_batch() -> None:
+    model = load_model(base_onnx(), "onnxruntime-cpu")
+    assert isinstance(model, OnnxRuntimeModel) and model.runtime == "onnxruntime-cpu"
+    x = target_data().tensors[0].numpy()
+    for n in (1, 7):
+        out = model.predict(x[:n])
+        assert out.shape == (n, 10) and out.dtype == np.float32
+
+
+def test_tensorrt_module_imports_and_reports_why_it_cannot_run() -> None:
+    usable, reason = tensorrt_engine.available()
+    assert reason
+    if not usable:
+        with pytest.raises(tensorrt_engine.TensorRTError, match="cannot run here"):
+            tensorrt_engine.build_engine(b"")
+
+
+def test_tensorrt_build_refit_and_infer() -> None:
+    usable, reason = tensorrt_engine.available()
+    if not usable:
+        pytest.skip(f"TensorRT engine build needs TensorRT and a CUDA GPU: {reason}")
+    x = target_data().tensors[0].numpy()[:16]
+    reference = OnnxRuntimeModel(base_onnx()).predict(x)
+    model = tensorrt_engine.TensorRTModel.from_onnx(base_onnx(), batch=tensorrt_engine.BatchProfile(1, 16, 64))
+    assert np.abs(model.predict(x) - reference).max() < 1e-3
+    assert model.predict(x[:1]).shape == (1, 10)
+    updated = onnx_variant("shifted")
+    model.refit(updated)  # same graph, new weights: no rebuild
+    assert np.abs(model.predict(x) - OnnxRuntimeModel(updated).predict(x)).max() < 1e-3
+
+
+def _patched_tensorrt_stubs(dest: Path) -> Path | None:
+    """tensorrt-stubs 10.13 ships no py.typed and two syntax slips; copy and mend them so mypy can read them."""
+    spec = importlib.util.find_spec("tensorrt_bindings")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    src = Path(list(spec.submodule_search_locations)[0])
+    trt_spec = importlib.util.find_spec("tensorrt")
+    if trt_spec is None or not trt_spec.submodule_search_locations:
+        return None
+    if dest.exists():
+        return dest
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp / "tensorrt_bindings")
+    shutil.copytree(Path(list(trt_spec.submodule_search_locations)[0]), tmp / "tensorrt")
+    stub = tmp / "tensorrt_bindings" / "tensorrt.pyi"
+    text = re.sub(r"\bin: ", "in_: ", stub.read_text())  # a parameter named `in`
+    text = text.replace("power: Weights = None, channel_axis: int)", "power: Weights = None, channel_axis: int = ...)")
+    stub.write_text(text)
+    tmp.rename(dest)
+    return dest
+
+
+def test_tensorrt_module_typechecks_against_the_tensorrt_api(tmp_path: Path) -> None:
+    if importlib.util.find_spec("mypy") is None:
+        pytest.skip("mypy is not installed")
+    stubs = _patched_tensorrt_stubs(REPO / ".mypy_cache" / "tensorrt-stubs-patched")  # kept: mypy caches its analysis
+    if stubs is None or not (stubs / "tensorrt_bindings" / "tensorrt.pyi").exists():
+        pytest.skip("tensorrt-stubs is not installed")
+    config = tmp_path / "mypy.ini"
+    config.write_text(f"[mypy]\nmypy_path = {stubs}\n[mypy-tensorrt_bindings.*]\nignore_errors = True\n"
+                      "[mypy-tensorrt.*]\nignore_errors = True\n")
+    run = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), "edge/tensorrt_engine.py"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stdout + run.stderr
