@@ -46,6 +46,23 @@ def _final_table(results: dict[str, Any]) -> Table:
     return table
 
 
+def _run_config_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse `k=v` pairs the way `flwr run --run-config` does, and refuse keys fedge does not know."""
+    from flwr.common.config import parse_config_args
+
+    from fedge.runconfig import RunSettings
+
+    overrides = parse_config_args(items)
+    unknown = sorted(k for k in overrides if k.replace("-", "_") not in RunSettings.__dataclass_fields__)
+    if unknown:
+        raise typer.BadParameter(f"unknown run-config keys {unknown}", param_hint="--run-config")
+    try:
+        RunSettings.from_config(overrides)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--run-config") from err
+    return overrides
+
+
 @app.command()
 def run(
     methods: Annotated[str, typer.Option(help=f"comma-separated; known: {','.join(METHODS)}")] = "lora-fedavg,full-fedavg",
@@ -60,6 +77,9 @@ def run(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
     out: Annotated[Path, typer.Option(help="output folder for results.json and the plot")] = Path("fedge-out"),
     quick: Annotated[bool, typer.Option(help="a small run that finishes in minutes on 2 CPU cores")] = False,
+    resume: Annotated[bool, typer.Option(help="continue from the checkpoints in OUT/checkpoints instead of starting over")] = False,
+    run_config: Annotated[list[str] | None, typer.Option(
+        "--run-config", help="Flower-style overrides, e.g. \"density-up=0.0625 server-opt='adamw'\" (repeatable)")] = None,
 ) -> None:
     """Run federations of the given methods on a scenario, with Flower's simulation runtime."""
     from fedge.results import PLOT_FILE, RESULTS_FILE, load_results, plot_accuracy_vs_uplink, write_results
@@ -77,7 +97,9 @@ def run(
         results_path.unlink()  # a run's results.json describes that run only
     common = {"num-server-rounds": rounds, "num-clients": clients, "clients-per-round": clients_per_round,
               "seed": seed, "alpha": alpha, "scenario": scenario, "local-epochs": local_epochs, "lr": lr,
-              "device": device, "out-dir": str(out)}
+              "device": device, "out-dir": str(out), "checkpoint": "auto" if resume else "fresh"}
+    if run_config:
+        common.update(_run_config_overrides(run_config))
     started = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),
                   TimeElapsedColumn(), console=console) as progress:
@@ -97,6 +119,52 @@ def run(
     plot = plot_accuracy_vs_uplink(results, out / PLOT_FILE)
     console.print(_final_table(results))
     console.print(f"wrote {results_path} and {plot}")
+
+
+@app.command("deploy-local")
+def deploy_local(
+    method: Annotated[str, typer.Option(help=f"one of: {','.join(METHODS)}")] = "lora-fedavg",
+    rounds: int = 3,
+    clients: Annotated[int, typer.Option(help="SuperNodes to start (one partition each)")] = 3,
+    local_epochs: int = 1,
+    out: Annotated[Path, typer.Option(help="output folder for results.json; checkpoints go to OUT/checkpoints")] = Path("fedge-out"),
+    secure: Annotated[bool, typer.Option(help="TLS on every API and SuperNode authentication (fresh certificates)")] = False,
+    round_timeout: Annotated[float, typer.Option(help="seconds a round waits for replies")] = 300.0,
+    min_replies: Annotated[float, typer.Option(help="replies a round needs: below 1 a fraction, else a count")] = 0.5,
+    checkpoint: Annotated[str, typer.Option(help="auto (resume), fresh or off")] = "auto",
+    workdir: Annotated[Path | None, typer.Option(help="logs, Flower state and certificates (default OUT/deployment)")] = None,
+    timeout: Annotated[float, typer.Option(help="give up on the run after this many seconds")] = 3600.0,
+) -> None:
+    """Run one federation on Flower's deployment runtime: a SuperLink and N SuperNodes on loopback, via `flwr run`."""
+    from fedge.local_deployment import run_local
+
+    if method not in METHODS:
+        raise typer.BadParameter(f"unknown method {method!r}; known: {sorted(METHODS)}", param_hint="--method")
+    out = out.resolve()
+    config = {"method": method, "num-server-rounds": rounds, "local-epochs": local_epochs, "out-dir": str(out),
+              "round-timeout": round_timeout, "min-replies": min_replies, "checkpoint": checkpoint}
+    with console.status(f"{method}: SuperLink + {clients} SuperNodes, {rounds} rounds"):
+        results = run_local(workdir or out / "deployment", clients, config, secure=secure, timeout=timeout)
+    console.print(_round_table(method, results["methods"][method]["rounds"]))
+    console.print(_final_table(results))
+    dep = results["deployment"]
+    console.print(f"run {dep['run_id']} {dep['status']} in {dep['seconds']:.0f}s; Flower counted "
+                  f"{dep['flower_network_bytes'].get('total-bytes', 0) / 1e6:.2f} MB on the network; "
+                  f"wrote {out / 'results.json'}")
+
+
+@app.command()
+def certs(
+    folder: Annotated[Path, typer.Argument(help="where to write ca.crt, server.pem/.key and node-<i>.key/.pub")],
+    nodes: Annotated[int, typer.Option(help="SuperNode key pairs to create")] = 3,
+    host: Annotated[list[str] | None, typer.Option(help="extra SuperLink host name or IP for the certificate (repeatable)")] = None,
+) -> None:
+    """Create a CA, the SuperLink's TLS certificate and SuperNode authentication keys for Flower."""
+    from fedge.certs import create_credentials
+
+    creds = create_credentials(folder, nodes=nodes, hosts=host or [])
+    console.print(f"CA {creds.ca_cert}; SuperLink {creds.server_cert} + {creds.server_key}; "
+                  f"{len(creds.node_keys)} SuperNode keys ({', '.join(p.name for p, _ in creds.node_keys)}) and .pub files")
 
 
 @app.command()

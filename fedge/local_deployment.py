@@ -1,0 +1,276 @@
+"""A real Flower deployment on one machine: a SuperLink and N SuperNodes on loopback, driven by `flwr`.
+
+Every piece is Flower's own binary (`flower-superlink`, `flower-supernode`,
+`flwr run`, `flwr ls`, `flwr supernode register`), talking gRPC and HTTP over
+real sockets, exactly as on separate machines; only the addresses are local.
+Each process is started in its own session so that stopping it also stops the
+SuperExec and ServerApp/ClientApp processes Flower spawns under it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedge.certs import Credentials, create_credentials
+
+CONNECTION = "fedge-local"
+FINISHED = "finished"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def find_app_dir(start: str | Path | None = None) -> Path:
+    """The Flower app folder (a pyproject.toml with `[tool.flwr.app]`): `start`, the cwd, or fedge's source checkout."""
+    import fedge
+
+    candidates = [Path(start)] if start else [Path.cwd(), Path(fedge.__file__).resolve().parents[1]]
+    for folder in candidates:
+        pyproject = folder / "pyproject.toml"
+        if pyproject.exists() and "[tool.flwr.app]" in pyproject.read_text():
+            return folder.resolve()
+    raise FileNotFoundError(f"no Flower app (pyproject.toml with [tool.flwr.app]) in {[str(c) for c in candidates]}")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, grace: float = 5.0, sig: int = signal.SIGTERM) -> None:
+        """Signal the whole process group (Flower's SuperExec and app processes included), then force it."""
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)  # stragglers in the group, the leader included
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+
+@dataclass
+class LocalDeployment:
+    """SuperLink + SuperNodes on loopback. Use as a context manager so every process is stopped on exit."""
+
+    workdir: Path
+    num_nodes: int
+    app_dir: Path = field(default_factory=find_app_dir)
+    secure: bool = False  # TLS on every API and SuperNode authentication
+    fleet_port: int = field(default_factory=free_port)
+    control_port: int = field(default_factory=free_port)
+    superlink: Proc | None = None
+    nodes: dict[str, Proc] = field(default_factory=dict)  # by process name
+    credentials: Credentials | None = None
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir).resolve()
+        self.flwr_home = self.workdir / "flwr-home"
+        self.logs = self.workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        if self.secure:
+            self.credentials = create_credentials(self.workdir / "certs", nodes=self.num_nodes + 1)
+        self._write_connection()
+
+    # ---- configuration ----
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"FLWR_HOME": str(self.flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"})
+        return env
+
+    def _write_connection(self) -> None:
+        """`$FLWR_HOME/config.toml`: the `flwr` CLI's SuperLink connection (Control API address, TLS root)."""
+        conn: dict[str, Any] = {"address": f"127.0.0.1:{self.control_port}"}
+        if self.credentials is not None:
+            conn["root-certificates"] = str(self.credentials.ca_cert)
+        else:
+            conn["insecure"] = True
+        (self.flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
+
+    def superlink_command(self) -> list[str]:
+        cmd = ["flower-superlink", "--disable-runtime-dependency-installation",
+               "--fleet-api-address", f"127.0.0.1:{self.fleet_port}", "--host", "127.0.0.1",
+               "--port", str(self.control_port), "--database", str(self.workdir / "state.db")]
+        if self.credentials is None:
+            return [*cmd, "--insecure"]
+        c = self.credentials
+        return [*cmd, "--ssl-ca-certfile", str(c.ca_cert), "--ssl-certfile", str(c.server_cert),
+                "--ssl-keyfile", str(c.server_key), "--enable-supernode-auth"]
+
+    def supernode_command(self, partition: int, key: Path | None = None, max_retries: int | None = None) -> list[str]:
+        cmd = ["flower-supernode", "--superlink", f"127.0.0.1:{self.fleet_port}", "--port", str(free_port()),
+               "--node-config", f"partition-id={partition} num-partitions={self.num_nodes}"]
+        if max_retries is not None:
+            cmd += ["--max-retries", str(max_retries)]
+        if self.credentials is None:
+            return [*cmd, "--insecure"]
+        key = key or self.credentials.node_keys[partition][0]
+        return [*cmd, "--root-certificates", str(self.credentials.ca_cert), "--auth-supernode-private-key", str(key)]
+
+    # ---- processes ----
+
+    def _spawn(self, name: str, cmd: list[str]) -> Proc:
+        log = self.logs / f"{name}.log"
+        with open(log, "ab") as fh:
+            popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env(), cwd=self.workdir,
+                                     start_new_session=True)
+        return Proc(name, popen, log)
+
+    def flwr(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """One `flwr` CLI call against this deployment's SuperLink connection."""
+        done = subprocess.run(["flwr", *args], env=self.env(), cwd=self.app_dir, capture_output=True, text=True,
+                              timeout=timeout)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"flwr {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        return done
+
+    def start_superlink(self, timeout: float = 90.0) -> Proc:
+        self.superlink = self._spawn("superlink", self.superlink_command())
+        deadline = time.monotonic() + timeout
+        while not (port_open(self.fleet_port) and port_open(self.control_port)):
+            if not self.superlink.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"SuperLink did not come up:\n{self.superlink.tail()}")
+            time.sleep(0.5)
+        return self.superlink
+
+    def register_nodes(self, count: int | None = None) -> None:
+        """Add the first `count` node public keys to the SuperLink (authentication on)."""
+        assert self.credentials is not None
+        for private, public in self.credentials.node_keys[: self.num_nodes if count is None else count]:
+            self.flwr("supernode", "register", str(public), CONNECTION, "--name", private.stem)
+
+    def start_supernode(self, partition: int, key: Path | None = None, max_retries: int | None = None,
+                        name: str | None = None) -> Proc:
+        name = name or f"supernode-{partition}"
+        if name in self.nodes and self.nodes[name].alive():
+            raise RuntimeError(f"{name} is already running")
+        proc = self._spawn(name, self.supernode_command(partition, key, max_retries))
+        self.nodes[name] = proc
+        return proc
+
+    def start(self) -> LocalDeployment:
+        self.start_superlink()
+        if self.credentials is not None:
+            self.register_nodes()
+        for i in range(self.num_nodes):
+            self.start_supernode(i)
+        return self
+
+    def stop_superlink(self, sig: int = signal.SIGTERM) -> None:
+        if self.superlink is not None:
+            self.superlink.stop(sig=sig)
+
+    def stop(self) -> None:
+        for proc in self.nodes.values():
+            proc.stop()
+        self.stop_superlink()
+
+    def __enter__(self) -> LocalDeployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- runs ----
+
+    def submit(self, run_config: dict[str, Any]) -> int:
+        """`flwr run` of the app with `run_config` overrides; returns the run id."""
+        overrides = self.workdir / f"run-config-{time.time_ns()}.toml"
+        overrides.write_text(tomli_w.dumps(run_config))
+        done = self.flwr("run", str(self.app_dir), CONNECTION, "--run-config", str(overrides), "--format", "json")
+        return int(json.loads(done.stdout)["run-id"])
+
+    def run_info(self, run_id: int) -> dict[str, Any]:
+        done = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=60)
+        runs = json.loads(done.stdout).get("runs", [])
+        return dict(runs[0]) if runs else {}
+
+    def wait(self, run_id: int, timeout: float, poll: float = 3.0) -> dict[str, Any]:
+        """Poll `flwr ls` until the run has finished (completed, failed or stopped); the last run info."""
+        deadline = time.monotonic() + timeout
+        info: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                info = self.run_info(run_id)
+            except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError):
+                info = {}
+            if str(info.get("status", "")).startswith(FINISHED):
+                return info
+            time.sleep(poll)
+        raise TimeoutError(f"run {run_id} not finished after {timeout:.0f}s (last status {info.get('status')})")
+
+    def logs_of(self, run_id: int) -> str:
+        return self.flwr("log", str(run_id), CONNECTION, "--show", check=False, timeout=60).stdout
+
+
+def run_local(workdir: str | Path, num_nodes: int, run_config: dict[str, Any], *, secure: bool = False,
+              timeout: float = 3600.0, app_dir: str | Path | None = None) -> dict[str, Any]:
+    """Start the deployment, run the federation through `flwr run`, wait, stop everything; results.json's content.
+
+    The run's results.json (written by the ServerApp into `out-dir`) gains a
+    `deployment` entry: run id, final status, Flower's own network byte count.
+    """
+    from fedge.results import load_results, write_results
+
+    out_dir = Path(run_config.get("out-dir", Path(workdir) / "out")).resolve()
+    run_config = {**run_config, "out-dir": str(out_dir), "num-clients": num_nodes}
+    started = time.perf_counter()
+    deployment = LocalDeployment(Path(workdir), num_nodes, app_dir=find_app_dir(app_dir), secure=secure)
+    with deployment:
+        deployment.start()
+        run_id = deployment.submit(run_config)
+        info = deployment.wait(run_id, timeout)
+        if info.get("status") != f"{FINISHED}:completed":
+            raise RuntimeError(f"run {run_id} ended {info.get('status')}; its log:\n{deployment.logs_of(run_id)[-4000:]}")
+    results = load_results(out_dir)
+    results["deployment"] = {
+        "run_id": run_id,
+        "status": info.get("status"),
+        "supernodes": num_nodes,
+        "secure": secure,
+        "flower_network_bytes": info.get("network-traffic", {}),
+        "seconds": time.perf_counter() - started,
+        "logs": str(deployment.logs),
+    }
+    write_results(out_dir, results)
+    return results
