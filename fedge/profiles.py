@@ -33,3 +33,17 @@ TIERS: dict[str, DeviceProfile] = {
 def tier_for(partition_id: int, tiers: tuple[str, ...] = ("strong", "mid", "weak")) -> DeviceProfile:
     """Round-robin tier assignment: every scenario gets a mix of strong, mid and weak devices."""
     return TIERS[tiers[partition_id % len(tiers)]]
+
+
+#: message type of the query a strategy sends to learn each node's partition and profile
+PROFILE_QUERY = "query.profile"
+
+
+def sparsity_budget(profile: DeviceProfile, budgets: str = "") -> float:
+    """The profile's budget, or the run's override: "1.0,0.5,0.3" lists strong, mid, weak in that order."""
+    if not budgets.strip():
+        return profile.sparsity_budget
+    values = [float(v) for v in budgets.split(",")]
+    if len(values) != len(TIERS) or not all(0.0 < v <= 1.0 for v in values):
+        raise ValueError(f"budgets {budgets!r}: give {len(TIERS)} fractions in (0, 1] for {', '.join(TIERS)}")
+    return dict(zip(TIERS, values))[profile.tier]

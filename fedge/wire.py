@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from flwr.app import Message
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_object import InflatableObject, get_all_nested_objects
 
 
 def message_wire_bytes(message: Message) -> int:
@@ -20,3 +20,8 @@ def message_wire_bytes(message: Message) -> int:
 
 def total_wire_bytes(messages: Iterable[Message]) -> int:
     return sum(message_wire_bytes(m) for m in messages)
+
+
+def record_wire_bytes(record: InflatableObject) -> int:
+    """Serialized size of one record (an ArrayRecord and its arrays) as it travels inside a message."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
