@@ -25,7 +25,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from fedge.artifacts import ArtifactError, Manifest, load_public_key, verify_artifact, verify_manifest
+from fedge.artifacts import (
+    WEIGHTS_FORMAT,
+    ArtifactError,
+    Manifest,
+    load_public_key,
+    verify_artifact,
+    verify_manifest,
+    verify_model,
+)
 from fedge.edge.runtime import Model, choose_runtime, load_model
 from fedge.protos import edge_pb2, edge_pb2_grpc
 
@@ -135,7 +143,7 @@ class EdgeAgent:
             d = self._model_dir(int(pointer.read_text().strip()))
             manifest = verify_manifest((d / "manifest.json").read_bytes(), (d / "manifest.sig").read_bytes(), self.public_key)
             data = (d / "model.bin").read_bytes()
-            verify_artifact(data, manifest)
+            verify_model(data, manifest)
             served = Served(manifest.version, manifest, load_model(data, self.runtime, self.config.threads), None)
         except (OSError, ValueError, ArtifactError) as err:
             log.warning("%s: stored model does not verify (%s); starting without one", self.config.device_id, err)
@@ -254,6 +262,12 @@ class EdgeAgent:
         except ArtifactError as err:
             self._reject(manifest.version, f"artifact refused: {err}")
             return False
+        if manifest.format == WEIGHTS_FORMAT:
+            try:
+                data = self._apply_weight_update(manifest, data)
+            except (ArtifactError, ValueError) as err:
+                self._reject(manifest.version, f"weight update refused: {err}")
+                return False
         try:
             model = load_model(data, self.runtime, self.config.threads)
             accuracy = self.canary(model)
@@ -268,6 +282,22 @@ class EdgeAgent:
         self._event(manifest.version, "deployed")
         log.info("%s: serving v%d (%s)", self.config.device_id, manifest.version, self.runtime)
         return True
+
+    def _apply_weight_update(self, manifest: Manifest, payload: bytes) -> bytes:
+        """Rebuild the full model from the serving one plus changed weights; it must hash to the signed target."""
+        from fedge.onnx_weights import apply_initializers, decode_weights
+
+        served = self._served
+        base_version = int(manifest.metadata["base_version"])
+        if served is None or served.version != base_version:
+            raise ArtifactError(f"update is against v{base_version}, this device serves v{self.serving_version}")
+        if served.manifest.model_sha256 != manifest.metadata["base_sha256"]:
+            raise ArtifactError("update's base sha256 differs from the serving model's")
+        base = (self._model_dir(base_version) / "model.bin").read_bytes()
+        verify_model(base, served.manifest)
+        data = apply_initializers(base, decode_weights(payload))
+        verify_model(data, manifest)
+        return data
 
     def _reject(self, version: int, reason: str) -> None:
         self._rejected[version] = reason
@@ -454,7 +484,7 @@ def main(
     tier: str = "mid",
     runtime: str | None = None,
     duration_s: float | None = None,
-    **options: float | int,
+    **options: float,
 ) -> int:
     """Run one edge agent until SIGINT/SIGTERM (or `duration_s`); `fedge edge agent --registry HOST:PORT`.
 

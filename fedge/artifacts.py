@@ -18,11 +18,17 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 
 MANIFEST_SCHEMA = 1
-#: Artifact formats a registry publishes and an agent knows how to serve.
-FORMATS = ("onnx", "onnx-int8", "onnx-fp16")
+#: Artifact formats a registry publishes and an agent knows how to serve. "onnx-weights" is a
+#: weight-only update (changed initializers, safetensors) applied to the model the device serves.
+FORMATS = ("onnx", "onnx-int8", "onnx-fp16", "onnx-weights")
+WEIGHTS_FORMAT = "onnx-weights"
+_WEIGHTS_KEYS = ("base_version", "base_sha256", "target_sha256")
 
 
 class ArtifactError(Exception):
@@ -78,7 +84,14 @@ class Manifest:
             raise ArtifactError(f"unknown artifact format {manifest.format!r}")
         if len(manifest.sha256) != 64:
             raise ArtifactError("manifest sha256 is not a 64-hex digest")
+        if manifest.format == WEIGHTS_FORMAT and any(k not in manifest.metadata for k in _WEIGHTS_KEYS):
+            raise ArtifactError(f"a weight-only update's manifest needs {_WEIGHTS_KEYS} in its metadata")
         return manifest
+
+    @property
+    def model_sha256(self) -> str:
+        """The sha256 of the full model this artifact yields (for a weight-only update: after applying it)."""
+        return str(self.metadata["target_sha256"]) if self.format == WEIGHTS_FORMAT else self.sha256
 
 
 def make_manifest(version: int, data: bytes, fmt: str, metadata: dict[str, Any] | None = None) -> Manifest:
@@ -151,3 +164,10 @@ def verify_artifact(data: bytes, manifest: Manifest) -> None:
     digest = sha256_hex(data)
     if digest != manifest.sha256:
         raise ArtifactError(f"artifact v{manifest.version} sha256 {digest[:12]}... != manifest {manifest.sha256[:12]}...")
+
+
+def verify_model(data: bytes, manifest: Manifest) -> None:
+    """Check full model bytes against what the manifest says they must hash to (also after a weight update)."""
+    digest = sha256_hex(data)
+    if digest != manifest.model_sha256:
+        raise ArtifactError(f"model for v{manifest.version} hashes to {digest[:12]}..., manifest says {manifest.model_sha256[:12]}...")

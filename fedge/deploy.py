@@ -25,7 +25,9 @@ import numpy as np
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fedge.artifacts import WEIGHTS_FORMAT, sha256_hex
 from fedge.onnx_export import export_model
+from fedge.onnx_weights import changed_initializers, encode_weights
 from fedge.protos import edge_pb2, edge_pb2_grpc
 
 TOKEN_HEADER = "x-fedge-token"
@@ -53,6 +55,15 @@ def publish(address: str, token: str, data: bytes, fmt: str = "onnx", metadata: 
         reply: edge_pb2.PublishReply = edge_pb2_grpc.RegistryAdminStub(channel).Publish(
             chunks(), timeout=timeout, metadata=((TOKEN_HEADER, token),))
     return reply
+
+
+def publish_weight_update(address: str, token: str, base: bytes, base_version: int, new: bytes,
+                          metadata: dict[str, Any] | None = None) -> edge_pb2.PublishReply:
+    """Publish only the initializers that changed from `base` (served as `base_version`) to `new`."""
+    payload = encode_weights(changed_initializers(base, new))
+    meta = {**(metadata or {}), "base_version": base_version, "base_sha256": sha256_hex(base),
+            "target_sha256": sha256_hex(new), "target_bytes": len(new)}
+    return publish(address, token, payload, WEIGHTS_FORMAT, meta)
 
 
 def fleet_status(address: str, timeout: float = 5.0) -> edge_pb2.FleetStatusReply:
@@ -84,16 +95,11 @@ class Process:
     def _drain(self, stream: IO[str] | None, log: Path | None) -> None:
         if stream is None:
             return
-        sink = open(log, "a") if log else None
-        try:
+        with open(log if log else os.devnull, "a") as sink:
             for line in stream:
                 self.lines.append(line.rstrip("\n"))
-                if sink:
-                    sink.write(line)
-                    sink.flush()
-        finally:
-            if sink:
-                sink.close()
+                sink.write(line)
+                sink.flush()
 
     def wait_for_line(self, prefix: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout

@@ -1,4 +1,4 @@
-"""Model -> verified ONNX bytes (fp32, INT8, FP16), and weight-only updates between two exports.
+"""Model -> verified ONNX bytes (fp32, INT8, FP16) with the checks that go into the artifact's metadata.
 
 This is core rather than edge code because the server (the registry publishes
 what it exports), the deployment orchestrator and the edge all need it, and
@@ -21,7 +21,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 INPUT_NAME = "input"
@@ -117,7 +116,12 @@ def quantize_int8_qdq(onnx_bytes: bytes, calibration: np.ndarray, batch_size: in
     strongly typed TensorRT network; dynamic quantization's ConvInteger and
     DynamicQuantizeLinear would not build there.
     """
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     if len(calibration) == 0:
         raise ValueError("INT8 calibration needs at least one input sample")
@@ -176,55 +180,6 @@ def _topological_sort(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
-# ---- weight-only updates ---------------------------------------------------------------
-
-
-def initializers(onnx_bytes: bytes) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(onnx_bytes).graph.initializer}
-
-
-def changed_initializers(old: bytes, new: bytes, atol: float = 0.0) -> dict[str, np.ndarray]:
-    """Initializers of `new` that differ from `old`: the payload of a weight-only (refit) update.
-
-    Raises if the graphs differ in anything but weights, since then a refit is not possible.
-    """
-    a, b = initializers(old), initializers(new)
-    if a.keys() != b.keys() or any(a[k].shape != b[k].shape or a[k].dtype != b[k].dtype for k in a):
-        raise ExportError("the two exports differ in their initializers' names, shapes or dtypes; rebuild, do not refit")
-    if _graph_signature(old) != _graph_signature(new):
-        raise ExportError("the two exports differ in graph structure; rebuild, do not refit")
-    return {k: b[k] for k in b if not np.allclose(a[k], b[k], rtol=0.0, atol=atol)}
-
-
-def apply_initializers(onnx_bytes: bytes, changes: dict[str, np.ndarray]) -> bytes:
-    model = onnx.load_from_string(onnx_bytes)
-    by_name = {t.name: t for t in model.graph.initializer}
-    missing = set(changes) - set(by_name)
-    if missing:
-        raise ExportError(f"weight update names unknown initializers: {sorted(missing)[:5]}")
-    for name, array in changes.items():
-        by_name[name].CopyFrom(numpy_helper.from_array(array, name))
-    return model.SerializeToString()
-
-
-def encode_weights(changes: dict[str, np.ndarray]) -> bytes:
-    from safetensors.numpy import save
-
-    return save({k: np.ascontiguousarray(v) for k, v in changes.items()})
-
-
-def decode_weights(payload: bytes) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load
-
-    return dict(load(payload))
-
-
-def _graph_signature(onnx_bytes: bytes) -> bytes:
-    model = onnx.load_from_string(onnx_bytes)
-    del model.graph.initializer[:]
-    return model.SerializeToString()
-
-
 # ---- the whole export ---------------------------------------------------------------------
 
 
@@ -269,7 +224,7 @@ def export_model(
         "output_name": OUTPUT_NAME,
         "input_shape": ["batch", *map(int, eval_x.shape[1:])],
         "max_abs_diff_vs_torch": diff,
-        "eval_samples": int(len(eval_x)),
+        "eval_samples": len(eval_x),
         "torch_version": torch.__version__,
         "onnx_opset": next((o.version for o in onnx.load_from_string(fp32).opset_import if o.domain in ("", "ai.onnx")), 0),
     }
@@ -319,7 +274,18 @@ class _quiet_loggers:
 
 
 __all__ = [
-    "ExportError", "ExportResult", "INPUT_NAME", "OUTPUT_NAME", "accuracy", "apply_initializers", "changed_initializers",
-    "decode_weights", "encode_weights", "export_model", "initializers", "max_abs_diff_vs_torch", "merged_fp32",
-    "quantize_int8_dynamic", "quantize_int8_qdq", "run_onnx", "session", "to_fp16", "to_onnx",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "ExportError",
+    "ExportResult",
+    "accuracy",
+    "export_model",
+    "max_abs_diff_vs_torch",
+    "merged_fp32",
+    "quantize_int8_dynamic",
+    "quantize_int8_qdq",
+    "run_onnx",
+    "session",
+    "to_fp16",
+    "to_onnx",
 ]

@@ -26,10 +26,16 @@ from typing import Any
 
 import grpc
 import numpy as np
+from fedge.protos import edge_pb2, edge_pb2_grpc
 from google.protobuf.json_format import MessageToDict
 
-from fedge.artifacts import Manifest, load_or_create_key, make_manifest, public_pem, sign_manifest
-from fedge.protos import edge_pb2, edge_pb2_grpc
+from fedge.artifacts import (
+    Manifest,
+    load_or_create_key,
+    make_manifest,
+    public_pem,
+    sign_manifest,
+)
 
 log = logging.getLogger("fedge.registry")
 

@@ -67,7 +67,7 @@ def base_onnx() -> bytes:
 
 def onnx_variant(kind: str) -> bytes:
     """A new version with the base graph and edited weights, as an adaptation round or a bad push would make."""
-    from fedge.onnx_export import apply_initializers, initializers
+    from fedge.onnx_weights import apply_initializers, initializers
 
     weights = initializers(base_onnx())
     rng = np.random.default_rng(1)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from _edge_support import base_onnx, onnx_variant, target_data, to_npz, wait_until
-from fedge.artifacts import generate_key
 from fedge.edge.agent import AgentConfig, EdgeAgent
 from fedge.server.registry import Registry, start
+
+from fedge.artifacts import generate_key
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +53,10 @@ def test_agents_receive_and_serve_a_deployment(tmp_path: Path, registry, models)
     try:
         reg.publish(models["v1"], {"note": "first"})
         for agent in agents:
-            wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
+            wait_until(lambda a=agent: a.serving_version == 1, what="v1 to serve")
         reg.publish(models["v2"])
         for agent in agents:
-            wait_until(lambda: agent.serving_version == 2, what="v2 to serve")
+            wait_until(lambda a=agent: a.serving_version == 2, what="v2 to serve")
         x = target_data().tensors[0][:4].numpy()
         logits, version = agents[0].predict(x)
         assert version == 2 and logits.shape == (4, 10) and np.isfinite(logits).all()
@@ -158,3 +158,24 @@ def test_agent_restarts_on_its_last_verified_model(tmp_path: Path, registry, mod
         assert again.predict(target_data().tensors[0][:2].numpy())[1] == 1
     finally:
         again.stop()
+
+
+def test_weight_only_update_is_applied_and_checked_against_its_signed_target(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
+    from fedge.artifacts import WEIGHTS_FORMAT, sha256_hex
+    from fedge.onnx_weights import changed_initializers, encode_weights
+
+    reg, address = registry
+    agent = make_agent(tmp_path, address, reg)
+    try:
+        reg.publish(models["v1"])
+        wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
+        payload = encode_weights(changed_initializers(models["v1"], models["v2"]))
+        good = {"base_version": 1, "base_sha256": sha256_hex(models["v1"]), "target_sha256": sha256_hex(models["v2"])}
+        reg.publish(payload, {**good, "target_sha256": "0" * 64}, fmt=WEIGHTS_FORMAT)  # v2: target does not match
+        wait_until(lambda: 2 in agent._rejected, what="a weight update with a wrong target to be refused")
+        assert "weight update refused" in agent._rejected[2]
+        reg.publish(payload, good, fmt=WEIGHTS_FORMAT)  # v3: applies to v1 and yields exactly the new model
+        wait_until(lambda: agent.serving_version == 3, what="the weight update to serve")
+        assert (agent.workdir / "models" / "v000003" / "model.bin").read_bytes() == models["v2"]
+    finally:
+        agent.stop()

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _edge_support import base_onnx, target_data, to_npz, trained_model, wait_until
-from fedge.deploy import deploy_to_edge
 from fedge.server.registry import Registry, start
+
+from fedge.deploy import deploy_to_edge
 
 pytestmark = pytest.mark.slow
 
