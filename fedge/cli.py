@@ -167,6 +167,25 @@ def certs(
                   f"{len(creds.node_keys)} SuperNode keys ({', '.join(p.name for p, _ in creds.node_keys)}) and .pub files")
 
 
+@bench_app.command("codecs")
+def bench_codecs(
+    codecs: Annotated[str, typer.Option(help="comma-separated codecs (default: all registered)")] = "",
+    random_params: Annotated[int, typer.Option(help="size of the random update (0: skip it)")] = 10_000_000,
+    lora: Annotated[bool, typer.Option(help="also a real LoRA update from the scenario")] = True,
+    repeats: int = 5,
+    threads: Annotated[int, typer.Option(help="numeric threads (1: one core; 0: no cap)")] = 1,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
+) -> None:
+    """Each codec against dense fp32 and its entropy bound; encode/decode speed against memcpy of the same buffer."""
+    from fedge.sim.bench_codecs import print_codec_bench, run_codec_bench
+
+    names = [c.strip() for c in codecs.split(",") if c.strip()] or None
+    rows = run_codec_bench(names, random_params=random_params, lora=lora, repeats=repeats, threads=threads or None)
+    print_codec_bench(rows, console=console)
+    if json_out is not None:
+        json_out.write_text(json.dumps(rows, indent=2, default=str))
+
+
 @app.command()
 def methods() -> None:
     """List the federation methods."""
