@@ -195,7 +195,8 @@ def deploy_to_edge(model: nn.Module, test_data: TensorDataset, devices: int, wor
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     x_all, y_all = test_data.tensors[0], test_data.tensors[1]
-    result = export_model(model, x_all, y_all)
+    # INT8 calibrates on the inputs the fleet will see (no labels), as a device-side calibration would.
+    result = export_model(model, x_all, y_all, calibration_x=x_all)
     token = secrets.token_hex(16)
     registry, address, public_key = start_registry(workdir / "registry", token)
     agents: list[Process] = []
