@@ -186,6 +186,92 @@ def bench_codecs(
         json_out.write_text(json.dumps(rows, indent=2, default=str))
 
 
+@bench_app.command("edge")
+def bench_edge_cmd(
+    scenario: str = "digits-shift",
+    repeats: Annotated[int, typer.Option(help="timed runs per engine and batch size (median reported)")] = 50,
+    threads: Annotated[int, typer.Option(help="intra-op threads for PyTorch and ONNX Runtime")] = 1,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
+) -> None:
+    """PyTorch eager vs ONNX Runtime fp32/INT8 latency; full artifact vs weight-only push through the registry."""
+    from fedge.sim.bench_edge import bench_edge, print_tables
+
+    result = bench_edge(scenario, repeats=repeats, threads=threads)
+    print_tables(result, console=console)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2, default=str))
+
+
+@app.command("export")
+def export_cmd(
+    out: Annotated[Path, typer.Option(help="folder for model.onnx, model.int8.onnx, model.fp16.onnx, export.json")] = Path("fedge-out/export"),
+    scenario: str = "digits-shift",
+    weights: Annotated[Path | None, typer.Option(help="state dict (.safetensors or torch) to load into the model")] = None,
+    int8_mode: Annotated[str, typer.Option(help="qdq (calibrated, TensorRT-ready) or dynamic")] = "qdq",
+    fp16: Annotated[bool, typer.Option(help="also write an FP16 variant")] = True,
+) -> None:
+    """Export a model to ONNX (checked against PyTorch), with INT8 and FP16 variants."""
+    from fedge.edge.export import export
+
+    report = export(out, scenario=scenario, weights=weights, int8_mode=int8_mode, fp16=fp16)
+    console.print(f"max |ONNX - PyTorch| {report['max_abs_diff_vs_torch']:.2e}; fp32 {report['fp32_bytes'] / 1e3:.0f} KB "
+                  f"acc {report['fp32_accuracy']:.4f}; int8 {report['int8_bytes_ratio']:.1%} of fp32, acc "
+                  f"{report['int8_accuracy']:.4f}; wrote {out}")
+
+
+registry_app = typer.Typer(help="The model registry that publishes signed artifacts to edge agents.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+edge_app = typer.Typer(help="Edge devices: the agent, and a local fleet deployment.", no_args_is_help=True)
+app.add_typer(edge_app, name="edge")
+
+
+@registry_app.command("serve")
+def registry_serve(
+    workdir: Annotated[Path, typer.Option(help="artifacts, keys, telemetry and samples")] = Path("fedge-out/registry"),
+    host: str = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="0 picks a free port (printed)")] = 50051,
+    key: Annotated[Path | None, typer.Option(help="Ed25519 private key PEM (default WORKDIR/registry.pem, created)")] = None,
+    publish: Annotated[Path | None, typer.Option(help="an ONNX file to publish as the first version")] = None,
+) -> None:
+    """Serve the registry over gRPC until interrupted; publishing needs FEDGE_PUBLISH_TOKEN."""
+    from fedge.server.registry import serve
+
+    serve(workdir, host, port, key, publish=publish)
+
+
+@edge_app.command("agent")
+def edge_agent(
+    registry: Annotated[str, typer.Option(help="HOST:PORT of the registry")],
+    public_key: Annotated[Path, typer.Option(help="the registry's public key (PEM), pinned")],
+    device_id: Annotated[str, typer.Option(help="this device's id")] = "edge-0",
+    workdir: Annotated[Path, typer.Option(help="downloads, verified models, last good model")] = Path("fedge-out/edge"),
+    data: Annotated[Path | None, typer.Option(help=".npz with x (and y) to serve and canary on")] = None,
+    tier: str = "mid",
+    runtime: Annotated[str | None, typer.Option(help="tensorrt, onnxruntime-tensorrt, -cuda or -cpu (default: best)")] = None,
+    duration: Annotated[float | None, typer.Option(help="seconds to run (default: until interrupted)")] = None,
+) -> None:
+    """Run an edge agent: watch the registry, verify, canary-check and serve each new version."""
+    from fedge.edge.agent import main as agent_main
+
+    agent_main(registry, device_id, public_key=public_key, workdir=workdir, data=data, tier=tier, runtime=runtime,
+               duration_s=duration)
+
+
+@edge_app.command("deploy")
+def edge_deploy(
+    devices: Annotated[int, typer.Option(help="edge agents to start (separate processes on loopback)")] = 3,
+    scenario: str = "digits-shift",
+    workdir: Annotated[Path, typer.Option(help="registry and agents' folders")] = Path("fedge-out/edge-deploy"),
+) -> None:
+    """Export the scenario's base model and deploy it to a local fleet of edge agents; print the fleet's report."""
+    from fedge.deploy import deploy_to_edge
+    from fedge.scenario import load_scenario
+
+    sc = load_scenario(scenario)
+    report = deploy_to_edge(sc.base_model(), sc.client_data(0, 1).test, devices, workdir)
+    console.print_json(json.dumps(report))
+
+
 @app.command()
 def methods() -> None:
     """List the federation methods."""

@@ -141,11 +141,11 @@ def bench_edge(scenario: str = "digits-shift", repeats: int = 50, threads: int =
     }
 
 
-def print_tables(result: dict[str, Any]) -> None:
+def print_tables(result: dict[str, Any], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=140)
+    console = console or Console(width=140)
     lat = Table(title=f"edge latency (median, {result['threads']} thread(s))", title_justify="left")
     for col in ("engine", "batch", "median ms", "speed-up vs PyTorch"):
         lat.add_column(col, justify="right")
