@@ -61,7 +61,17 @@ class Proc:
         return self.popen.poll() is None
 
     def stop(self, grace: float = 5.0, sig: int = signal.SIGTERM) -> None:
-        """Signal the whole process group (Flower's SuperExec and app processes included), then force it."""
+        """Signal the process group, then force it and every descendant.
+
+        Flower starts the SuperLink's SuperExec in a session of its own, so the
+        group alone would miss it and the ServerApp process under it.
+        """
+        import psutil
+
+        try:
+            descendants = psutil.Process(self.popen.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            descendants = []
         if self.popen.poll() is None:
             try:
                 os.killpg(self.popen.pid, sig)
@@ -75,6 +85,12 @@ class Proc:
             os.killpg(self.popen.pid, signal.SIGKILL)  # stragglers in the group, the leader included
         except (ProcessLookupError, PermissionError):
             pass
+        for child in descendants:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(descendants, timeout=grace)
         try:
             self.popen.wait(timeout=grace)
         except subprocess.TimeoutExpired:

@@ -1,0 +1,133 @@
+"""Flower's deployment runtime on loopback: real SuperLink, SuperNode, ServerApp and ClientApp processes over gRPC.
+
+Each test starts its own SuperLink and SuperNodes on free ports with
+`FLWR_HOME` in a temporary folder, drives the federation with `flwr run`, and
+stops every process group in `finally` (the deployment's context manager).
+Runs are kept small (2 rounds, 1 local epoch) so the module fits a 2-core box.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedge.local_deployment import CONNECTION, LocalDeployment, Proc
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.deployment,
+    pytest.mark.skipif(not all(shutil.which(b) for b in ("flower-superlink", "flower-supernode", "flwr")),
+                       reason="Flower's deployment binaries (flower-superlink, flower-supernode, flwr) are not installed"),
+]
+
+RUN_TIMEOUT = 420.0  # bound on one run under a loaded 2-core machine
+
+
+def small_run(out: Path, nodes: int, **extra: Any) -> dict[str, Any]:
+    return {"num-server-rounds": 2, "num-clients": nodes, "local-epochs": 1, "out-dir": str(out),
+            "node-wait": 120.0, **extra}
+
+
+def wait_for(predicate: Any, timeout: float, what: str, poll: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what} after {timeout:.0f}s")
+        time.sleep(poll)
+
+
+def log_has(proc: Proc, text: str) -> bool:
+    return proc.log.exists() and text in proc.log.read_text(errors="replace")
+
+
+def method_entry(out: Path, method: str) -> dict[str, Any]:
+    return json.loads((out / "results.json").read_text())["methods"][method]
+
+
+def finish(dep: LocalDeployment, run_id: int) -> dict[str, Any]:
+    info = dep.wait(run_id, RUN_TIMEOUT)
+    assert info["status"] == "finished:completed", dep.logs_of(run_id)[-3000:]
+    return info
+
+
+def test_three_supernodes_two_rounds(tmp_path: Path) -> None:
+    """SuperLink + 3 SuperNodes run a compressed method (fedzip) for 2 rounds to completion."""
+    out = tmp_path / "out"
+    with LocalDeployment(tmp_path / "fleet", num_nodes=3) as dep:
+        dep.start()
+        run_id = dep.submit(small_run(out, 3, method="fedzip", **{"round-timeout": 240.0}))
+        info = finish(dep, run_id)
+    entry = method_entry(out, "fedzip")
+    assert [r["round"] for r in entry["rounds"]] == [1, 2]
+    assert all(r["clients"] == 3 and r["eval_clients"] == 3 for r in entry["rounds"])
+    assert all(r["round_seconds"] > 0 for r in entry["rounds"])
+    assert info["network-traffic"]["total-bytes"] > 0
+
+
+def test_supernode_killed_mid_round(tmp_path: Path) -> None:
+    """A SuperNode dies while training round 1; the round aggregates the others after round-timeout and the run ends."""
+    out = tmp_path / "out"
+    with LocalDeployment(tmp_path / "fleet", num_nodes=3) as dep:
+        dep.start()
+        run_id = dep.submit(small_run(out, 3, method="lora-fedavg", **{"round-timeout": 45.0, "min-replies": 0.5}))
+        victim = dep.nodes["supernode-2"]
+        wait_for(lambda: log_has(victim, "Receiving: train message"), 300, "round 1 to reach supernode-2")
+        victim.stop(sig=signal.SIGKILL)  # a crash: no deactivation, the SuperLink only sees silence
+        finish(dep, run_id)
+    rounds = method_entry(out, "lora-fedavg")["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["sent"] == 3 and rounds[0]["clients"] == 2
+    assert all(r["clients"] >= 2 for r in rounds)
+
+
+def test_server_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
+    """The SuperLink (with its ServerApp) is killed after round 1; a new `flwr run` finishes round 2 only."""
+    out = tmp_path / "out"
+    config = small_run(out, 2, method="flasc", **{"round-timeout": 240.0})
+    manifests = out / "checkpoints"
+    with LocalDeployment(tmp_path / "fleet", num_nodes=2) as dep:
+        dep.start()
+        dep.submit(config)
+
+        def round_one_committed() -> bool:
+            found = list(manifests.glob("*/checkpoint.json"))
+            return bool(found) and json.loads(found[0].read_text())["server_round"] >= 1
+
+        wait_for(round_one_committed, RUN_TIMEOUT, "the round 1 checkpoint")
+        dep.stop_superlink(sig=signal.SIGKILL)
+        killed_at = time.time()
+        assert json.loads(next(manifests.glob("*/checkpoint.json")).read_text())["server_round"] == 1
+
+        dep.start_superlink()
+        run_id = dep.submit(config)
+        finish(dep, run_id)
+    entry = method_entry(out, "flasc")
+    rows = entry["rounds"]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert rows[0]["finished_at"] < killed_at < rows[1]["finished_at"]
+    assert entry["checkpoint"]["resumed_from_round"] == 1
+    assert json.loads(next(manifests.glob("*/checkpoint.json")).read_text())["server_round"] == 2
+
+
+def test_tls_and_supernode_authentication(tmp_path: Path) -> None:
+    """TLS on every API plus SuperNode authentication: registered nodes run a round; an unregistered key is refused."""
+    out = tmp_path / "out"
+    with LocalDeployment(tmp_path / "fleet", num_nodes=2, secure=True) as dep:
+        dep.start()
+        assert dep.credentials is not None
+        intruder = dep.start_supernode(0, key=dep.credentials.node_keys[2][0], max_retries=2, name="intruder")
+        run_id = dep.submit(small_run(out, 2, method="lora-fedavg", **{"num-server-rounds": 1, "round-timeout": 240.0}))
+        wait_for(lambda: not intruder.alive(), 120, "the unregistered SuperNode to give up")
+        assert intruder.popen.returncode != 0
+        assert log_has(intruder, "Failed to activate SuperNode")
+        assert dep.superlink is not None and log_has(dep.superlink, "No SuperNode found with the given public key")
+        nodes = json.loads(dep.flwr("supernode", "ls", CONNECTION, "--format", "json").stdout)["nodes"]
+        assert len(nodes) == 2
+        finish(dep, run_id)
+    assert [r["round"] for r in method_entry(out, "lora-fedavg")["rounds"]] == [1]
