@@ -64,6 +64,7 @@ class AgentConfig:
     min_canary_accuracy: float = 0.0  # absolute floor where labels exist
     max_accuracy_drop: float = 0.25   # allowed canary-accuracy drop against the serving model
     serve_batch: int = 1
+    serve_passes: int = 0             # passes over the local data per version (0: forever)
     serve_interval_s: float = 0.005
     report_interval_s: float = 1.0
     max_fetch_attempts: int = 5
@@ -226,13 +227,25 @@ class EdgeAgent:
                 w.correct += int((logits.argmax(1) == y).sum())
 
     def _serving_loop(self) -> None:
+        """Replay the local data as a request stream, from its start for each new version.
+
+        With `serve_passes` > 0 it stops after that many passes per version, so
+        a version's telemetry covers each local sample exactly that often.
+        """
         if self.x is None:
             return
-        n, b, i = len(self.x), max(1, self.config.serve_batch), 0
+        n, b = len(self.x), max(1, self.config.serve_batch)
+        version, i, served = -1, 0, 0
         while not self._stop.is_set():
-            sel = slice(i, i + b)
+            if self.serving_version != version:
+                version, i, served = self.serving_version, 0, 0
+            if self.config.serve_passes and served >= self.config.serve_passes * n:
+                self._stop.wait(0.05)
+                continue
+            sel = slice(i, min(i + b, n))
             self.serve_once(self.x[sel], None if self.y is None else self.y[sel])
-            i = (i + b) % max(1, n - b + 1)
+            served += sel.stop - sel.start
+            i = sel.stop % n
             self._stop.wait(self.config.serve_interval_s)
 
     # ---- deployments ---------------------------------------------------------------------------------
@@ -521,13 +534,16 @@ def _cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-accuracy-drop", type=float, default=0.25)
     parser.add_argument("--report-interval", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--serve-batch", type=int, default=1)
+    parser.add_argument("--serve-passes", type=int, default=0, help="passes over --data per version (0: forever)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s agent {args.device_id} %(message)s")
     return main(args.registry, args.device_id, public_key=args.public_key, workdir=args.workdir, data=args.data,
                 tier=args.tier, runtime=args.runtime, duration_s=args.duration, chunk_size=args.chunk_size,
                 chunk_delay_s=args.chunk_delay, canary_size=args.canary_size,
                 min_canary_accuracy=args.min_canary_accuracy, max_accuracy_drop=args.max_accuracy_drop,
-                report_interval_s=args.report_interval, threads=args.threads)
+                report_interval_s=args.report_interval, threads=args.threads, serve_batch=args.serve_batch,
+                serve_passes=args.serve_passes)
 
 
 if __name__ == "__main__":

@@ -187,8 +187,9 @@ def deploy_to_edge(model: nn.Module, test_data: TensorDataset, devices: int, wor
                    timeout_s: float = 90.0) -> dict[str, Any]:
     """Export `model`, publish it to a registry, and wait until `devices` edge agents serve it.
 
-    Each agent serves its shard of `test_data` (labelled), so the returned
-    accuracy and p50 latency (batch 1) come from the devices' own telemetry.
+    Each agent serves its shard of `test_data` (labelled) once, request by
+    request, so the returned accuracy and p50 latency (batch 1) come from the
+    devices' own telemetry.
     """
     if devices < 1:
         raise ValueError("devices must be >= 1")
@@ -208,7 +209,8 @@ def deploy_to_edge(model: nn.Module, test_data: TensorDataset, devices: int, wor
             data_path.parent.mkdir(parents=True, exist_ok=True)
             np.savez(data_path, x=x, y=y)
             tier = ("strong", "mid", "weak")[i % 3]
-            agents.append(start_agent(address, name, public_key, workdir / "agents" / name, data_path, tier))
+            agents.append(start_agent(address, name, public_key, workdir / "agents" / name, data_path, tier,
+                                      extra=["--serve-passes", "1"]))  # telemetry covers each sample once
             names.append(name)
             sizes[name] = len(x)
         reply = publish(address, token, result.fp32, "onnx", result.metadata)

@@ -93,13 +93,13 @@ def _patched_tensorrt_stubs(dest: Path) -> Path | None:
     return dest
 
 
-def test_tensorrt_module_typechecks_against_the_tensorrt_api(tmp_path: Path) -> None:
+def test_tensorrt_module_typechecks_against_the_tensorrt_api() -> None:
     if importlib.util.find_spec("mypy") is None:
         pytest.skip("mypy is not installed")
     stubs = _patched_tensorrt_stubs(REPO / ".mypy_cache" / "tensorrt-stubs-patched")  # kept: mypy caches its analysis
     if stubs is None or not (stubs / "tensorrt_bindings" / "tensorrt.pyi").exists():
         pytest.skip("tensorrt-stubs is not installed")
-    config = tmp_path / "mypy.ini"
+    config = stubs.parent / "tensorrt-stubs-mypy.ini"  # fixed paths, so mypy's cache is reused between runs
     config.write_text(f"[mypy]\nmypy_path = {stubs}\n[mypy-tensorrt_bindings.*]\nignore_errors = True\n"
                       "[mypy-tensorrt.*]\nignore_errors = True\n")
     run = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), "edge/tensorrt_engine.py"],
