@@ -398,6 +398,21 @@ class EdgeAgent:
             caps += ["fp16", "gpu"]
         return caps
 
+    def upload_samples(self, x: np.ndarray, y: np.ndarray | None = None) -> int:
+        """Send inputs with the serving model's probabilities and entropy up (for cloud-side adaptation)."""
+        logits, version = self.predict(x)
+        z = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        entropy = _entropy(logits)
+        batch = edge_pb2.SampleBatch(device_id=self.config.device_id, serving_version=version)
+        for i in range(len(x)):
+            xi = np.ascontiguousarray(x[i], dtype=np.float32)
+            sample = batch.samples.add(tensor=xi.tobytes(), shape=list(xi.shape), dtype=str(xi.dtype),
+                                       entropy=float(entropy[i]), probabilities=probs[i].tolist())
+            if y is not None:
+                sample.label = int(y[i])
+        return int(self.stub.UploadSamples(batch, timeout=30).stored)
+
     def telemetry(self) -> edge_pb2.Telemetry:
         with self._window_lock:
             w = self._window

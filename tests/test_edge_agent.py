@@ -179,3 +179,22 @@ def test_weight_only_update_is_applied_and_checked_against_its_signed_target(tmp
         assert (agent.workdir / "models" / "v000003" / "model.bin").read_bytes() == models["v2"]
     finally:
         agent.stop()
+
+
+def test_uploaded_samples_are_stored_with_their_predictions(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
+    reg, address = registry
+    agent = make_agent(tmp_path, address, reg)
+    try:
+        reg.publish(models["v1"])
+        wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
+        data = target_data()
+        x, y = data.tensors[0][:3].numpy(), data.tensors[1][:3].numpy()
+        assert agent.upload_samples(x, y) == 3
+        stored = list((reg.workdir / "samples" / "cam-0").glob("v000001-*.npz"))
+        assert len(stored) == 1
+        with np.load(stored[0]) as npz:
+            np.testing.assert_array_equal(npz["x1"], x[1])
+            assert int(npz["y2"]) == int(y[2])
+            assert npz["p0"].shape == (10,) and abs(float(npz["p0"].sum()) - 1.0) < 1e-5
+    finally:
+        agent.stop()
