@@ -6,7 +6,6 @@ telemetry, so the fleet's state says what each device actually runs.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Protocol
 
 import numpy as np
@@ -29,19 +28,10 @@ class Model(Protocol):
 
 
 def tensorrt_usable() -> bool:
-    """TensorRT's real bindings (not the type stubs, which also import as `tensorrt`) and a CUDA GPU."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return False
-    import tensorrt
+    """TensorRT's real bindings (not only its type stubs) and a CUDA GPU."""
+    from fedge.edge.tensorrt_engine import available
 
-    if not hasattr(tensorrt, "Builder"):
-        return False
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
+    return available()[0]
 
 
 def choose_runtime(preferred: str | None = None) -> str:

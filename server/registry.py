@@ -30,6 +30,7 @@ from fedge.protos import edge_pb2, edge_pb2_grpc
 from google.protobuf.json_format import MessageToDict
 
 from fedge.artifacts import (
+    ArtifactError,
     Manifest,
     load_or_create_key,
     make_manifest,
@@ -113,6 +114,10 @@ class Registry(edge_pb2_grpc.EdgeRegistryServicer, edge_pb2_grpc.RegistryAdminSe
             version = self.latest_version + 1
             manifest = make_manifest(version, model_bytes, fmt, manifest_meta)
             canonical, signature = sign_manifest(manifest, self.key)
+            try:
+                Manifest.parse(canonical)  # refuse now what every agent would refuse later
+            except ArtifactError as err:
+                raise ValueError(str(err)) from err
             self._latest = self.store.write(manifest, canonical, signature, model_bytes)
             self._cond.notify_all()
         log.info("published v%d (%s, %d bytes, sha256 %s)", version, fmt, len(model_bytes), manifest.sha256[:12])
@@ -247,11 +252,12 @@ def start(registry: Registry, host: str = "127.0.0.1", port: int = 0, workers: i
 
 
 def serve(workdir: str | Path, host: str = "127.0.0.1", port: int = 0, key_path: str | Path | None = None,
-          publish_token: str | None = None, publish: str | Path | None = None) -> None:
+          publish_token: str | None = None, publish: str | Path | None = None, workers: int = 64) -> None:
     """Run a registry until SIGINT/SIGTERM (`fedge registry serve`).
 
     The publish token comes from the argument or `FEDGE_PUBLISH_TOKEN`; an
     optional `publish` file (ONNX) is published at start-up as the first version.
+    Each watching agent holds one of `workers` threads while connected.
     """
     token = publish_token if publish_token is not None else os.environ.get("FEDGE_PUBLISH_TOKEN", "")
     registry = Registry(Path(workdir), Path(key_path) if key_path else None, token)
@@ -259,7 +265,7 @@ def serve(workdir: str | Path, host: str = "127.0.0.1", port: int = 0, key_path:
         registry.publish(Path(publish).read_bytes(), {"source": str(publish)})
     public_path = registry.workdir / "registry.pub.pem"
     public_path.write_bytes(registry.public_key_pem)
-    server, bound = start(registry, host, port)
+    server, bound = start(registry, host, port, workers)
     print(f"PUBLIC_KEY {public_path}", flush=True)
     print(f"REGISTRY {host}:{bound}", flush=True)
     done = threading.Event()

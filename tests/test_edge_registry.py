@@ -1,0 +1,61 @@
+"""The registry's own contract over gRPC: who may publish, what it refuses, chunked fetch from an offset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from fedge.artifacts import load_public_key, verify_artifact, verify_manifest
+from fedge.deploy import fleet_status, publish
+from fedge.protos import edge_pb2, edge_pb2_grpc
+from fedge.server.registry import Registry, start
+
+
+@pytest.fixture
+def running(tmp_path: Path):  # type: ignore[no-untyped-def]
+    reg = Registry(tmp_path / "registry", publish_token="s3cret")
+    server, port = start(reg, "127.0.0.1", 0, workers=8)
+    yield reg, f"127.0.0.1:{port}"
+    reg.stop()
+    server.stop(grace=0.5).wait()
+
+
+def test_publishing_needs_the_token(running) -> None:  # type: ignore[no-untyped-def]
+    reg, address = running
+    with pytest.raises(grpc.RpcError) as err:
+        publish(address, "wrong", b"model")
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    reply = publish(address, "s3cret", b"m" * 3_000_000, "onnx", {"k": 1})  # bigger than one gRPC message chunk
+    assert reply.version == 1 and reply.bytes == 3_000_000
+    assert fleet_status(address).latest_version == 1
+
+
+def test_a_weight_update_without_its_base_and_target_is_refused(running) -> None:  # type: ignore[no-untyped-def]
+    reg, address = running
+    with pytest.raises(ValueError, match="weight-only"):
+        reg.publish(b"payload", {}, fmt="onnx-weights")
+    with pytest.raises(grpc.RpcError) as err:
+        publish(address, "s3cret", b"payload", "tflite")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reg.latest_version == 0
+
+
+def test_fetch_streams_chunks_from_the_offset_and_the_notice_verifies(running) -> None:  # type: ignore[no-untyped-def]
+    reg, address = running
+    data = bytes(range(256)) * 4000
+    version = reg.publish(data, {"note": "x"})
+    with grpc.insecure_channel(address) as channel:
+        stub = edge_pb2_grpc.EdgeRegistryStub(channel)
+        chunks = list(stub.FetchArtifact(edge_pb2.FetchRequest(device_id="d", version=version, offset=1000,
+                                                                chunk_size=65536), timeout=10))
+        assert chunks[0].offset == 1000 and all(len(c.data) <= 65536 for c in chunks)
+        assert b"".join(c.data for c in chunks) == data[1000:]
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.FetchArtifact(edge_pb2.FetchRequest(version=version, offset=len(data) + 1), timeout=10))
+        assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        notice = next(iter(stub.WatchDeployments(edge_pb2.WatchRequest(device_id="d", known_version=0), timeout=10)))
+    manifest = verify_manifest(notice.manifest, notice.signature, load_public_key(reg.public_key_pem))
+    verify_artifact(data, manifest)
+    assert manifest.metadata == {"note": "x"} and reg.fetch_log[0] == ("d", version, 1000)
