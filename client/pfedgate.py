@@ -97,6 +97,7 @@ def train_pfedgate(job: Job, msg: Message, context: Context) -> Message:
 def evaluate_pfedgate(job: Job, msg: Message, context: Context) -> Message:
     """`correct`: the global model; `personal-correct`: global shared model behind this node's gate.
 
+    The gate is first tuned alone on the new shared model (`gate-tune-epochs`, on the train split) and kept.
     A node that has no gate yet (it has not joined the federation) serves the global model.
     """
     global_result = evaluate(job.model, job.data.test, device=job.device)
@@ -104,6 +105,11 @@ def evaluate_pfedgate(job: Job, msg: Message, context: Context) -> Message:
     metrics = _metrics(job, gated)
     personal = global_result
     if restored:
+        if job.settings.gate_tune_epochs > 0:  # the gate follows the shared model it will be applied to
+            s = job.settings
+            train_gated(gated, job.data.train, epochs=s.gate_tune_epochs, lr=s.lr or job.method.lr, gate_lr=s.gate_lr,
+                        batch_size=s.batch_size, device=job.device, seed=job.seed + 1, train_shared=False)
+            keep_gate(context, gated)
         metrics = _metrics(job, gated, gated.freeze(job.data.train, job.device))
         personal = evaluate(gated, job.data.test, device=job.device)
     reply = Message(RecordDict({"metrics": MetricRecord({

@@ -63,14 +63,16 @@ def ste_factors(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class BlockGate(nn.Module):
     """Input -> (avg-pool) -> flatten -> BatchNorm -> linear to one score per block -> sigmoid."""
 
-    def __init__(self, sample_shape: tuple[int, ...], num_blocks: int) -> None:
+    def __init__(self, sample_shape: tuple[int, ...], num_blocks: int, prior: np.ndarray | None = None) -> None:
+        """`prior`: initial score logits per block (default 0, i.e. score 0.5 and factor 1 everywhere)."""
         super().__init__()
         self.pool = len(sample_shape) == 3 and max(sample_shape[1:]) > GATE_POOL
         features = int(np.prod(sample_shape)) if not self.pool else sample_shape[0] * GATE_POOL * GATE_POOL
         self.norm = nn.BatchNorm1d(features)
         self.linear = nn.Linear(features, num_blocks)
         nn.init.normal_(self.linear.weight, std=0.01)
-        nn.init.zeros_(self.linear.bias)
+        with torch.no_grad():
+            self.linear.bias.copy_(torch.zeros(num_blocks) if prior is None else torch.as_tensor(prior, dtype=torch.float32))
 
     def sample_scores(self, x: torch.Tensor) -> torch.Tensor:
         """Per-sample block scores, shape (batch, blocks)."""
@@ -81,6 +83,19 @@ class BlockGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Block scores for the batch: the per-sample scores averaged."""
         return self.sample_scores(x).mean(0)
+
+
+def ordered_prior(layout: BlockLayout, strength: float) -> np.ndarray:
+    """Initial logits that fall with a block's position in its tensor, from 0 at the first block to -strength.
+
+    Until gates learn otherwise, low-budget clients then keep the leading blocks of each tensor, so their
+    sparse models are nested inside each other's (as in ordered dropout) and every kept block is trained
+    by every client that can afford it, instead of each client training a scattered subset alone.
+    """
+    last = {}
+    for b in layout.blocks:
+        last[b.tensor] = max(last.get(b.tensor, 0), b.index)
+    return np.array([-strength * b.index / max(last[b.tensor], 1) for b in layout.blocks], dtype=np.float32)
 
 
 def shared_parameter_names(model: nn.Module, keys: Iterable[str]) -> dict[str, str]:
@@ -170,9 +185,13 @@ def train_gated(gated: GatedModel, data: TensorDataset, *, epochs: int, lr: floa
                 device: torch.device, seed: int, train_shared: bool = True) -> GatedTrainStats:
     """Adam on the shared parameters (lr) and the gate (gate_lr) jointly; gate only when `train_shared` is off."""
     gated.unfreeze()
+    shared = [p for p in gated._shared.values() if p.requires_grad]
     groups = [{"params": list(gated.gate.parameters()), "lr": gate_lr}]
     if train_shared:
-        groups.append({"params": [p for p in gated._shared.values() if p.requires_grad], "lr": lr})
+        groups.append({"params": shared, "lr": lr})
+    else:  # no gradients for what stays fixed
+        for p in shared:
+            p.requires_grad_(False)
     optimizer = torch.optim.Adam(groups)
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
                         drop_last=len(data) > batch_size)  # BatchNorm needs more than one sample
@@ -188,6 +207,8 @@ def train_gated(gated: GatedModel, data: TensorDataset, *, epochs: int, lr: floa
             total += float(loss.detach()) * len(y)
             seen += len(y)
             steps += 1
+    for p in shared:
+        p.requires_grad_(True)
     return GatedTrainStats(num_examples=len(data), loss=total / max(seen, 1), steps=steps)
 
 
