@@ -59,10 +59,29 @@ def target_data(n_partitions: int = 4, partition: int = 0) -> TensorDataset:
 
 @lru_cache(maxsize=1)
 def base_onnx() -> bytes:
-    """The trained base model exported once per test session (export is the slow step)."""
-    from fedge.onnx_export import to_onnx
+    """The trained base model's export, cached on disk by weights and torch version (export is the slow step).
 
-    return to_onnx(trained_model(), target_data().tensors[0][:2])
+    The export tests export afresh; the deployment tests only need some valid export of the base model.
+    """
+    import hashlib
+    import os
+
+    from fedge.onnx_export import to_onnx
+    from fedge.sim.digits_shift import cache_dir
+
+    model = trained_model()
+    digest = hashlib.sha256(torch.__version__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode() + tensor.numpy().tobytes())
+    path = cache_dir() / f"edge-test-base-{digest.hexdigest()[:16]}.onnx"
+    if path.exists():
+        return path.read_bytes()
+    data = to_onnx(model, target_data().tensors[0][:2])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return data
 
 
 def onnx_variant(kind: str) -> bytes:

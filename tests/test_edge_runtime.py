@@ -102,6 +102,7 @@ def test_tensorrt_module_typechecks_against_the_tensorrt_api() -> None:
     config = stubs.parent / "tensorrt-stubs-mypy.ini"  # fixed paths, so mypy's cache is reused between runs
     config.write_text(f"[mypy]\nmypy_path = {stubs}\n[mypy-tensorrt_bindings.*]\nignore_errors = True\n"
                       "[mypy-tensorrt.*]\nignore_errors = True\n")
-    run = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), "edge/tensorrt_engine.py"],
+    run = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), "--cache-dir",
+                          str(stubs.parent / "tensorrt-check"), "edge/tensorrt_engine.py"],
                          capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
