@@ -30,6 +30,7 @@ from fedge.artifacts import (
     ArtifactError,
     Manifest,
     load_public_key,
+    sha256_hex,
     verify_artifact,
     verify_manifest,
     verify_model,
@@ -109,7 +110,8 @@ class EdgeAgent:
         self.x, self.y = self._load_data(config.data)
         self._served: Served | None = None
         self._last_good: Served | None = None
-        self._rejected: dict[int, str] = {}
+        self.rejected: dict[int, str] = {}  # last refusal reason per version (reported, and for operators)
+        self._refused: set[str] = set()  # keys of notices never to retry (see _notice_key)
         self._events: list[edge_pb2.DeploymentEvent] = []
         self._events_lock = threading.Lock()
         self._window = _Window(version=0)
@@ -197,7 +199,8 @@ class EdgeAgent:
         with self._window_lock:
             self._window = _Window(version=good.version)
         _atomic_write(self.workdir / "current", f"{good.version}\n".encode())
-        self._rejected[failed.version] = reason
+        self.rejected[failed.version] = reason
+        self._refused.add(_manifest_key(failed.manifest))
         self._event(failed.version, "rolled_back", reason)
         log.warning("%s: rolled back v%d -> v%d: %s", self.config.device_id, failed.version, good.version, reason)
         return True
@@ -255,46 +258,46 @@ class EdgeAgent:
             self._events.append(edge_pb2.DeploymentEvent(version=version, status=status, reason=reason))
         self._report_now.set()
 
-    def handle_notice(self, notice: edge_pb2.DeploymentNotice) -> bool:
-        """Verify, download, check and swap one announced version; True if it now serves."""
+    def handle_notice(self, notice: edge_pb2.DeploymentNotice) -> str:
+        """Verify, download, check and swap one announced version.
+
+        Returns "deployed", "refused", "skipped" (old or already refused) or
+        "incomplete" (the download was cut; retry after reconnecting).
+        A refusal is remembered by the notice's content, not its version
+        number, so a forged notice cannot block the genuine version.
+        """
+        forged_key = "notice:" + sha256_hex(notice.manifest + notice.signature)
+        if forged_key in self._refused:
+            return "skipped"
         try:
             manifest = verify_manifest(notice.manifest, notice.signature, self.public_key)
+            if manifest.version != notice.version:
+                raise ArtifactError(f"notice says v{notice.version}, signed manifest says v{manifest.version}")
         except ArtifactError as err:
+            self._refused.add(forged_key)
             self._reject(notice.version, f"manifest refused: {err}")
-            return False
-        if manifest.version != notice.version:
-            self._reject(notice.version, f"notice says v{notice.version}, signed manifest says v{manifest.version}")
-            return False
-        if manifest.version <= self.serving_version or manifest.version in self._rejected:
-            return False
+            return "refused"
+        key = _manifest_key(manifest)
+        if manifest.version <= self.serving_version or key in self._refused:
+            return "skipped"
         try:
             data = self.download(manifest)
-        except DownloadIncomplete as err:
-            log.warning("%s: v%d not complete yet: %s", self.config.device_id, manifest.version, err)
-            return False  # not a rejection: the next notice (after reconnecting) resumes it
-        except ArtifactError as err:
-            self._reject(manifest.version, f"artifact refused: {err}")
-            return False
-        if manifest.format == WEIGHTS_FORMAT:
-            try:
+            if manifest.format == WEIGHTS_FORMAT:
                 data = self._apply_weight_update(manifest, data)
-            except (ArtifactError, ValueError) as err:
-                self._reject(manifest.version, f"weight update refused: {err}")
-                return False
-        try:
             model = load_model(data, self.runtime, self.config.threads)
             accuracy = self.canary(model)
-        except CanaryError as err:
-            self._reject(manifest.version, f"canary failed: {err}")
-            return False
-        except Exception as err:  # noqa: BLE001 - any load failure of an untrusted model is a rejection
-            self._reject(manifest.version, f"could not load: {type(err).__name__}: {err}")
-            return False
+        except DownloadIncomplete as err:
+            log.warning("%s: v%d not complete yet: %s", self.config.device_id, manifest.version, err)
+            return "incomplete"  # not a refusal: the next notice (after reconnecting) resumes it
+        except Exception as err:  # noqa: BLE001 - whatever fails on an untrusted artifact is a refusal
+            self._refused.add(key)
+            self._reject(manifest.version, _refusal(err))
+            return "refused"
         self._persist(manifest, notice.manifest, notice.signature, data)
         self._swap(Served(manifest.version, manifest, model, accuracy))
         self._event(manifest.version, "deployed")
         log.info("%s: serving v%d (%s)", self.config.device_id, manifest.version, self.runtime)
-        return True
+        return "deployed"
 
     def _apply_weight_update(self, manifest: Manifest, payload: bytes) -> bytes:
         """Rebuild the full model from the serving one plus changed weights; it must hash to the signed target."""
@@ -313,7 +316,7 @@ class EdgeAgent:
         return data
 
     def _reject(self, version: int, reason: str) -> None:
-        self._rejected[version] = reason
+        self.rejected[version] = reason
         self._event(version, "rejected", reason)
         log.warning("%s: refused v%d, still serving v%d: %s", self.config.device_id, version, self.serving_version, reason)
 
@@ -460,8 +463,7 @@ class EdgeAgent:
                 for notice in call:
                     if self._stop.is_set():
                         break
-                    if not self.handle_notice(notice) and notice.version > self.serving_version \
-                            and notice.version not in self._rejected:
+                    if self.handle_notice(notice) == "incomplete":
                         break  # an interrupted download: reconnect, get the notice again, resume
             except grpc.RpcError as err:
                 if self._stop.is_set():
@@ -494,6 +496,19 @@ class EdgeAgent:
         except grpc.RpcError:
             pass
         self.channel.close()
+
+
+def _manifest_key(manifest: Manifest) -> str:
+    return f"artifact:{manifest.version}:{manifest.sha256}"
+
+
+def _refusal(err: Exception) -> str:
+    """A refusal reason that says which check failed."""
+    if isinstance(err, CanaryError):
+        return f"canary failed: {err}"
+    if isinstance(err, ArtifactError):
+        return f"artifact refused: {err}"
+    return f"could not load: {type(err).__name__}: {err}"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

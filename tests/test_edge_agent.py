@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from _edge_support import base_onnx, onnx_variant, target_data, to_npz, wait_until
 from fedge.edge.agent import AgentConfig, EdgeAgent
+from fedge.protos import edge_pb2
 from fedge.server.registry import Registry, start
 
-from fedge.artifacts import generate_key
+from fedge.artifacts import generate_key, make_manifest, sign_manifest
 
 
 @pytest.fixture(scope="module")
@@ -86,20 +87,29 @@ def test_tampered_and_wrongly_signed_artifacts_are_refused(tmp_path: Path, regis
         blob = bytearray(stored.read_bytes())
         blob[len(blob) // 2] ^= 0xFF
         stored.write_bytes(bytes(blob))
-        wait_until(lambda: 2 in agent._rejected, what="tampered v2 to be refused")
-        assert "sha256" in agent._rejected[2]
+        wait_until(lambda: 2 in agent.rejected, what="tampered v2 to be refused")
+        assert "sha256" in agent.rejected[2]
 
         # v3: a well-formed artifact signed by a key the agent does not trust
-        reg.key = generate_key(tmp_path / "rogue.pem")
+        genuine_key, rogue_key = reg.key, generate_key(tmp_path / "rogue.pem")
+        reg.key = rogue_key
         reg.publish(models["v2"])
-        wait_until(lambda: 3 in agent._rejected, what="wrongly signed v3 to be refused")
-        assert "signature" in agent._rejected[3]
+        wait_until(lambda: 3 in agent.rejected, what="wrongly signed v3 to be refused")
+        assert "signature" in agent.rejected[3]
 
         after, version = agent.predict(x)  # the old model keeps answering, unchanged
         assert version == 1
         np.testing.assert_array_equal(before, after)
         wait_until(lambda: sum(e["status"] == "rejected" for e in events(reg)) >= 2, what="rejections reported")
         assert not list((agent.workdir / "models").glob("v000002*")) and not list((agent.workdir / "models").glob("v000003*"))
+
+        # A forged notice for v4 must not block the genuine v4 that follows it.
+        forged = make_manifest(4, models["v2"], "onnx")
+        canonical, signature = sign_manifest(forged, rogue_key)
+        assert agent.handle_notice(edge_pb2.DeploymentNotice(version=4, manifest=canonical, signature=signature)) == "refused"
+        reg.key = genuine_key
+        reg.publish(models["v2"])
+        wait_until(lambda: agent.serving_version == 4, what="the genuine v4 to serve")
     finally:
         agent.stop()
 
@@ -111,8 +121,8 @@ def test_a_model_that_fails_its_canary_is_not_served(tmp_path: Path, registry, m
         reg.publish(models["v1"])
         wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
         reg.publish(models["collapsed"])
-        wait_until(lambda: 2 in agent._rejected, what="collapsed v2 to fail its canary")
-        assert "canary" in agent._rejected[2] and "collapsed" in agent._rejected[2]
+        wait_until(lambda: 2 in agent.rejected, what="collapsed v2 to fail its canary")
+        assert "canary" in agent.rejected[2] and "collapsed" in agent.rejected[2]
         assert agent.predict(target_data().tensors[0][:2].numpy())[1] == 1
         reg.publish(models["v2"])  # a good later version still deploys
         wait_until(lambda: agent.serving_version == 3, what="v3 to serve")
@@ -172,8 +182,8 @@ def test_weight_only_update_is_applied_and_checked_against_its_signed_target(tmp
         payload = encode_weights(changed_initializers(models["v1"], models["v2"]))
         good = {"base_version": 1, "base_sha256": sha256_hex(models["v1"]), "target_sha256": sha256_hex(models["v2"])}
         reg.publish(payload, {**good, "target_sha256": "0" * 64}, fmt=WEIGHTS_FORMAT)  # v2: target does not match
-        wait_until(lambda: 2 in agent._rejected, what="a weight update with a wrong target to be refused")
-        assert "weight update refused" in agent._rejected[2]
+        wait_until(lambda: 2 in agent.rejected, what="a weight update with a wrong target to be refused")
+        assert "artifact refused" in agent.rejected[2] and "hashes to" in agent.rejected[2]
         reg.publish(payload, good, fmt=WEIGHTS_FORMAT)  # v3: applies to v1 and yields exactly the new model
         wait_until(lambda: agent.serving_version == 3, what="the weight update to serve")
         assert (agent.workdir / "models" / "v000003" / "model.bin").read_bytes() == models["v2"]
