@@ -44,7 +44,8 @@ class RunSettings:
     error_feedback: bool = True  # for the methods that keep a residual (sparsifying codecs)
     fedzip_z: float = 0.2
     kmeans_clusters: int = 3
-    density_up: float = 1 / 32  # FLASC upload density
+    density_up: float = 1 / 16  # FLASC upload density
+    flasc_values: str = "float16"  # FLASC upload value precision: float16 or float32
     density_down: float = 0.25  # FLASC download density
     ternary_k: float = 0.2
     quant_block: int = 64
@@ -57,6 +58,7 @@ class RunSettings:
     # ---- pFedGate ----
     gate_splits: int = 4  # contiguous blocks per shared tensor
     gate_lr: float = 0.01
+    gate_prior: float = 2.0  # initial gate logits fall from 0 to -gate_prior along each tensor's blocks (nested sparse models)
     budgets: str = ""  # per-tier sparsity budgets "strong,mid,weak", e.g. "1.0,0.5,0.3"; empty: the device profiles'
     novel_clients: int = 1  # last partitions held out of training; they join at the end and train only their gate
     novel_epochs: int = 3  # the novel clients' gate-only epochs
@@ -81,7 +83,7 @@ class RunSettings:
         """The run's knobs for one codec, by the codec's own parameter names."""
         return {
             "fedzip": {"z": self.fedzip_z, "clusters": self.kmeans_clusters},
-            "flasc": {"density": self.density_up},
+            "flasc": {"density": self.density_up, "value_dtype": self.flasc_values},
             "ternary": {"k": self.ternary_k},
             "q8": {"block": self.quant_block},
             "q4": {"block": self.quant_block},
