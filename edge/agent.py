@@ -536,6 +536,7 @@ def main(
     config = AgentConfig(registry=registry_address, device_id=device_id, workdir=Path(workdir),
                          public_key=Path(public_key), data=Path(data) if data else None, tier=tier, runtime=runtime,
                          **options)  # type: ignore[arg-type]
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s agent {device_id} %(message)s")  # no-op if set up
     agent = EdgeAgent(config)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -567,7 +568,6 @@ def _cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-batch", type=int, default=1)
     parser.add_argument("--serve-passes", type=int, default=0, help="passes over --data per version (0: forever)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s agent {args.device_id} %(message)s")
     return main(args.registry, args.device_id, public_key=args.public_key, workdir=args.workdir, data=args.data,
                 tier=args.tier, runtime=args.runtime, duration_s=args.duration, chunk_size=args.chunk_size,
                 chunk_delay_s=args.chunk_delay, canary_size=args.canary_size,

@@ -259,6 +259,7 @@ def serve(workdir: str | Path, host: str = "127.0.0.1", port: int = 0, key_path:
     optional `publish` file (ONNX) is published at start-up as the first version.
     Each watching agent holds one of `workers` threads while connected.
     """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s registry %(message)s")  # no-op if set up
     token = publish_token if publish_token is not None else os.environ.get("FEDGE_PUBLISH_TOKEN", "")
     registry = Registry(Path(workdir), Path(key_path) if key_path else None, token)
     if publish:
@@ -284,7 +285,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", default=None, help="Ed25519 private key PEM (created if missing)")
     parser.add_argument("--publish", default=None, help="ONNX file to publish as the first version")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s registry %(message)s")
     serve(args.workdir, args.host, args.port, args.key, publish=args.publish)
     return 0
 
