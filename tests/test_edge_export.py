@@ -6,13 +6,15 @@ import copy
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import pytest
 import torch
 from _edge_support import seeded_model, target_data, trained_model
 from peft import LoraConfig, get_peft_model
 
 from fedge.models import LORA_TARGETS
-from fedge.onnx_export import export_model, run_onnx, to_onnx
+from fedge.scenario import load_scenario
+from fedge.onnx_export import accuracy, export_model, quantize_int8_dynamic, run_onnx, to_onnx
 from fedge.onnx_weights import (
     WeightUpdateError,
     apply_initializers,
@@ -30,9 +32,11 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def exported(data):  # type: ignore[no-untyped-def]
+    """Evaluated on the partitions' held-out test splits, INT8 calibrated on their training splits (as `fedge export`)."""
     model = trained_model()
     x, y = data
-    return model, export_model(model, x, y, architecture="digits-cnn")
+    calibration = torch.cat([load_scenario("digits-shift").client_data(p, 4).train.tensors[0] for p in range(4)])[:512]
+    return model, export_model(model, x, y, calibration_x=calibration, architecture="digits-cnn")
 
 
 def test_onnx_matches_pytorch_with_dynamic_batch(exported, data) -> None:  # type: ignore[no-untyped-def]
@@ -49,12 +53,25 @@ def test_onnx_matches_pytorch_with_dynamic_batch(exported, data) -> None:  # typ
         assert np.abs(got - expected).max() < 1e-4
 
 
-def test_int8_is_small_and_keeps_accuracy(exported) -> None:  # type: ignore[no-untyped-def]
+def test_int8_qdq_is_small_keeps_accuracy_and_is_tensorrt_shaped(exported) -> None:  # type: ignore[no-untyped-def]
     _, result = exported
     meta = result.metadata
-    assert meta["int8_bytes_ratio"] <= 0.35
+    assert meta["int8_mode"] == "qdq" and meta["int8_bytes_ratio"] <= 0.35
     assert len(result.int8) == meta["int8_bytes"]
     assert abs(meta["int8_accuracy"] - meta["fp32_accuracy"]) <= 0.01
+    graph = onnx.load_from_string(result.int8).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and not ops & {"ConvInteger", "DynamicQuantizeLinear"}
+    zero_points = [t for t in graph.initializer if t.name.endswith("zero_point")]
+    assert zero_points and all(not numpy_helper.to_array(t).any() for t in zero_points)  # symmetric, as TensorRT needs
+
+
+def test_int8_dynamic_needs_no_calibration_and_keeps_accuracy(exported, data) -> None:  # type: ignore[no-untyped-def]
+    _, result = exported
+    x, y = data[0].numpy(), data[1].numpy()
+    int8 = quantize_int8_dynamic(result.fp32)
+    assert len(int8) <= 0.35 * len(result.fp32)
+    assert abs(accuracy(int8, x, y) - result.metadata["fp32_accuracy"]) <= 0.01
 
 
 def test_fp16_halves_the_weights_and_stays_close(exported) -> None:  # type: ignore[no-untyped-def]
