@@ -241,17 +241,37 @@ class LocalDeployment:
         runs = json.loads(done.stdout).get("runs", [])
         return dict(runs[0]) if runs else {}
 
-    def wait(self, run_id: int, timeout: float, poll: float = 3.0) -> dict[str, Any]:
-        """Poll `flwr ls` until the run has finished (completed, failed or stopped); the last run info."""
+    def wait(self, run_id: int, timeout: float, poll: float = 1.0, cli_every: float = 20.0) -> dict[str, Any]:
+        """Wait until `flwr ls` reports the run finished (completed, failed or stopped); the last run info.
+
+        Each `flwr` call costs a Python start-up, so the CLI is asked when the
+        SuperLink's log says the run's ServerApp task finished, and otherwise
+        only every `cli_every` seconds.
+        """
         deadline = time.monotonic() + timeout
+        marker = f" of run {run_id}"
         info: dict[str, Any] = {}
+        offset, last_ask = 0, float("-inf")
         while time.monotonic() < deadline:
-            try:
-                info = self.run_info(run_id)
-            except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError):
-                info = {}
-            if str(info.get("status", "")).startswith(FINISHED):
-                return info
+            hint = False
+            if self.superlink is not None and self.superlink.log.exists():
+                with open(self.superlink.log, "rb") as fh:
+                    fh.seek(offset)
+                    raw = fh.read()
+                complete = raw[: raw.rfind(b"\n") + 1]  # whole lines only; a partial one is read next time
+                offset += len(complete)
+                lines = complete.decode(errors="replace").splitlines()
+                hint = any("Finished task" in line and line.rstrip().endswith(marker) for line in lines)
+            if hint or time.monotonic() - last_ask >= cli_every:
+                last_ask = time.monotonic()
+                try:
+                    info = self.run_info(run_id)
+                except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError):
+                    info = {}
+                if str(info.get("status", "")).startswith(FINISHED):
+                    return info
+                if hint:
+                    last_ask = float("-inf")  # finishing: ask again on the next poll
             time.sleep(poll)
         raise TimeoutError(f"run {run_id} not finished after {timeout:.0f}s (last status {info.get('status')})")
 

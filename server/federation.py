@@ -88,7 +88,7 @@ def train_round(strategy: Strategy, server_round: int, arrays: ArrayRecord, conf
     """Send the round to the connected nodes; aggregate what arrives if enough did, else send it again."""
     uplink = downlink = 0
     for attempt in range(1, settings.round_retries + 2):
-        nodes = list(grid.get_node_ids())
+        nodes = list(grid.get_node_ids()) or wait_for_nodes(grid, 1, settings.node_wait)
         with connected_view(strategy, grid, nodes) as view:
             messages: list[Message] = list(strategy.configure_train(server_round, arrays, config, view))
         downlink += total_wire_bytes(messages)
