@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from fedge.blocks import BLOCK_MASK, BLOCK_VALUES, NOVEL_PHASE, PHASE_KEY, UPLOAD_RECORD, BlockLayout
 from fedge.client.job import Job
 from fedge.federated_model import exchanged_state
-from fedge.gating import BlockGate, GatedModel, gate_state, load_gate_state, train_gated
+from fedge.gating import BlockGate, GatedModel, gate_state, load_gate_state, ordered_prior, train_gated
 from fedge.profiles import sparsity_budget
 from fedge.state import from_record
 from fedge.training import evaluate
@@ -33,7 +33,7 @@ def gated_model(job: Job, context: Context) -> tuple[GatedModel, bool]:
     sample_shape = tuple(job.data.train.tensors[0].shape[1:])
     with torch.random.fork_rng():
         torch.manual_seed(job.settings.seed * 7_919 + job.partition_id)
-        gate = BlockGate(sample_shape, len(layout))
+        gate = BlockGate(sample_shape, len(layout), ordered_prior(layout, job.settings.gate_prior))
     restored = GATE_STATE in context.state.array_records
     if restored:
         load_gate_state(gate, from_record(context.state.array_records[GATE_STATE]))
@@ -70,8 +70,10 @@ def train_pfedgate(job: Job, msg: Message, context: Context) -> Message:
     s = job.settings
     lr = s.lr or job.method.lr
     novel = config.get(PHASE_KEY, "") == NOVEL_PHASE
-    if novel:
-        before = evaluate(job.model, job.data.test, device=job.device)
+    if novel:  # "before": the untrained gate within budget; the dense global model is reported beside it
+        dense = evaluate(job.model, job.data.test, device=job.device)
+        gated.freeze(job.data.train, job.device)
+        before = evaluate(gated, job.data.test, device=job.device)
         stats = train_gated(gated, job.data.train, epochs=s.novel_epochs, lr=lr, gate_lr=s.gate_lr,
                             batch_size=s.batch_size, device=job.device, seed=job.seed, train_shared=False)
         keep = gated.freeze(job.data.train, job.device)
@@ -79,7 +81,8 @@ def train_pfedgate(job: Job, msg: Message, context: Context) -> Message:
         keep_gate(context, gated)
         metrics = MetricRecord({**_metrics(job, gated, keep), "num-examples": stats.num_examples,
                                 "train-loss": stats.loss, "test-examples": after.num_examples,
-                                "accuracy-before": before.accuracy, "accuracy-after": after.accuracy})
+                                "accuracy-global": dense.accuracy, "accuracy-before": before.accuracy,
+                                "accuracy-after": after.accuracy})
         reply = Message(RecordDict({"metrics": metrics}), reply_to=msg)
     else:
         stats = train_gated(gated, job.data.train, epochs=s.local_epochs, lr=lr, gate_lr=s.gate_lr,

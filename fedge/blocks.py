@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class BlockLayout:
             if numel == 0:
                 continue
             edges = np.linspace(0, numel, min(splits, numel) + 1).round().astype(np.int64)
-            blocks.extend(Block(name, i, int(a), int(b)) for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])))
+            blocks.extend(Block(name, i, int(a), int(b)) for i, (a, b) in enumerate(pairwise(edges)))
         return cls(tuple((k, tuple(int(d) for d in s)) for k, s in shapes.items()), tuple(blocks))
 
     @classmethod

@@ -9,9 +9,10 @@ block of every tensor is always kept. Kept blocks are scaled by their gate,
 dropped blocks are zero, and a straight-through estimator lets the loss reach
 the scores of dropped blocks too, so model and gate train jointly.
 
-The gate factor is 2·score, so an untrained gate (score 0.5) leaves a kept
-block unchanged: a pretrained shared model starts from its own function, and
-the gate learns to amplify or damp blocks from there.
+The gate factor is 2·score, so a score of 0.5 leaves a kept block unchanged:
+the gate learns to amplify or damp blocks of a pretrained shared model from its
+own function. Initial logits may fall along each tensor's blocks
+(`ordered_prior`), so low-budget clients start from nested sub-models.
 
 The knapsack is greedy by score per element. With a few near-equal blocks per
 tensor and capacities far above any single block, greedy is within one block of
@@ -92,7 +93,7 @@ def ordered_prior(layout: BlockLayout, strength: float) -> np.ndarray:
     sparse models are nested inside each other's (as in ordered dropout) and every kept block is trained
     by every client that can afford it, instead of each client training a scattered subset alone.
     """
-    last = {}
+    last: dict[str, int] = {}
     for b in layout.blocks:
         last[b.tensor] = max(last.get(b.tensor, 0), b.index)
     return np.array([-strength * b.index / max(last[b.tensor], 1) for b in layout.blocks], dtype=np.float32)

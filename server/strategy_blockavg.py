@@ -24,7 +24,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedge.blocks import BLOCK_MASK, BLOCK_VALUES, NOVEL_PHASE, PHASE_KEY, UPLOAD_RECORD, BlockLayout, BlockUpload, block_average
+from fedge.blocks import (BLOCK_MASK, BLOCK_VALUES, NOVEL_PHASE, PHASE_KEY, UPLOAD_RECORD, BlockLayout, BlockUpload,
+                          block_average)
 from fedge.profiles import PROFILE_QUERY
 from fedge.results import ClientEval, fleet_accuracy
 from fedge.state import from_record, to_record
@@ -33,12 +34,20 @@ from fedge.wire import message_wire_bytes, record_wire_bytes, total_wire_bytes
 log = logging.getLogger("fedge.server")
 
 
+def scalar(metrics: MetricRecord, key: str) -> float:
+    """A numeric metric (MetricRecord values may also be lists)."""
+    value = metrics[key]
+    if isinstance(value, list):
+        raise ValueError(f"metric {key} is a list, expected a number")
+    return float(value)
+
+
 def decode_upload(layout: BlockLayout, reply: Message) -> BlockUpload:
     """One reply's kept blocks and sample weight; ValueError if it is malformed."""
     try:
         record = reply.content.array_records[UPLOAD_RECORD]
         values, bits = record[BLOCK_VALUES].numpy(), record[BLOCK_MASK].numpy()
-        weight = float(reply.content.metric_records["metrics"]["num-examples"])
+        weight = scalar(reply.content.metric_records["metrics"], "num-examples")
     except KeyError as err:
         raise ValueError(f"block upload lacks {err}") from err
     mask, blocks = layout.unpack(values, bits)
@@ -112,9 +121,9 @@ class BlockAvgStrategy(FedAvg):
             dense = actual - record_wire_bytes(reply.content.array_records[UPLOAD_RECORD]) + dense_record
             sent_bytes += actual
             dense_bytes += dense
-            budget_bytes += float(m["sparsity-budget"]) * dense
-            losses.append((float(m["train-loss"]), upload.weight))
-            kept.append(float(m["kept-fraction"]))
+            budget_bytes += scalar(m, "sparsity-budget") * dense
+            losses.append((scalar(m, "train-loss"), upload.weight))
+            kept.append(scalar(m, "kept-fraction"))
         if not uploads:
             return None, None
         self._previous = block_average(self.layout, self._previous, uploads)
@@ -147,13 +156,14 @@ class BlockAvgStrategy(FedAvg):
                 continue
             m = reply.content.metric_records["metrics"]
             novel_clients.append({
-                "partition_id": int(m["partition-id"]),
+                "partition_id": int(scalar(m, "partition-id")),
                 "tier": profiles[reply.metadata.src_node_id]["tier"],
-                "sparsity_budget": float(m["sparsity-budget"]),
-                "kept_fraction": float(m["kept-fraction"]),
-                "accuracy_before": float(m["accuracy-before"]),
-                "accuracy_after": float(m["accuracy-after"]),
-                "test_examples": int(m["test-examples"]),
+                "sparsity_budget": scalar(m, "sparsity-budget"),
+                "kept_fraction": scalar(m, "kept-fraction"),
+                "accuracy_global_model": scalar(m, "accuracy-global"),
+                "accuracy_before": scalar(m, "accuracy-before"),
+                "accuracy_after": scalar(m, "accuracy-after"),
+                "test_examples": int(scalar(m, "test-examples")),
                 "uplink_bytes": message_wire_bytes(reply),
             })
         clients, evals = self._final_evaluation(grid, arrays, config)
@@ -178,16 +188,16 @@ class BlockAvgStrategy(FedAvg):
                 continue
             m = reply.content.metric_records["metrics"]
             node = reply.metadata.src_node_id
-            evals.append(ClientEval(int(m["partition-id"]), int(m["num-examples"]), int(m["correct"]),
-                                    int(m["personal-correct"])))
+            evals.append(ClientEval(int(scalar(m, "partition-id")), int(scalar(m, "num-examples")), int(scalar(m, "correct")),
+                                    int(scalar(m, "personal-correct"))))
             clients.append({
-                "partition_id": int(m["partition-id"]),
+                "partition_id": int(scalar(m, "partition-id")),
                 "role": "novel" if node in self.profiles and self.is_novel(node) else "federated",
                 "tier": self.profiles.get(node, {}).get("tier", "?"),
-                "sparsity_budget": float(m["sparsity-budget"]),
-                "kept_fraction": float(m.get("kept-fraction", 0.0)),
-                "test_examples": int(m["num-examples"]),
-                "accuracy": float(m["accuracy"]),
-                "personal_accuracy": float(m["personal-accuracy"]),
+                "sparsity_budget": scalar(m, "sparsity-budget"),
+                "kept_fraction": scalar(m, "kept-fraction") if "kept-fraction" in m else 0.0,
+                "test_examples": int(scalar(m, "num-examples")),
+                "accuracy": scalar(m, "accuracy"),
+                "personal_accuracy": scalar(m, "personal-accuracy"),
             })
         return sorted(clients, key=lambda c: c["partition_id"]), evals
