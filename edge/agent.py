@@ -282,9 +282,14 @@ class EdgeAgent:
             return "skipped"
         try:
             data = self.download(manifest)
+            model: Model | None = None
             if manifest.format == WEIGHTS_FORMAT:
                 data = self._apply_weight_update(manifest, data)
-            model = load_model(data, self.runtime, self.config.threads)
+                refit = getattr(self._served.model, "with_weights", None) if self._served else None
+                if callable(refit):
+                    model = refit(data)  # TensorRT: refit a copy of the serving engine instead of rebuilding
+            if model is None:
+                model = load_model(data, self.runtime, self.config.threads)
             accuracy = self.canary(model)
         except DownloadIncomplete as err:
             log.warning("%s: v%d not complete yet: %s", self.config.device_id, manifest.version, err)

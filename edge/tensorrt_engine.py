@@ -13,6 +13,7 @@ module imports without them, and `available()` says whether it can run.
 from __future__ import annotations
 
 import importlib.util
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -159,13 +160,15 @@ class TensorRTModel:
 
     runtime = "tensorrt"
 
-    def __init__(self, engine: trt.ICudaEngine) -> None:
+    def __init__(self, engine: trt.ICudaEngine, plan: bytes | None = None) -> None:
         _require()
         import tensorrt as trt
         import torch
 
         self._torch = torch
+        self._lock = threading.Lock()  # one execution context: one request at a time
         self.engine = engine
+        self.plan = plan
         self.context = engine.create_execution_context()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -177,12 +180,26 @@ class TensorRTModel:
 
     @classmethod
     def from_onnx(cls, onnx_bytes: bytes, precision: str = "fp32", batch: BatchProfile = BatchProfile()) -> TensorRTModel:
-        return cls(deserialize(build_engine(onnx_bytes, precision=precision, batch=batch)))
+        plan = build_engine(onnx_bytes, precision=precision, batch=batch)
+        return cls(deserialize(plan), plan)
 
-    def refit(self, onnx_bytes: bytes) -> None:
-        refit_from_onnx(self.engine, onnx_bytes)
+    def with_weights(self, onnx_bytes: bytes) -> TensorRTModel:
+        """A second engine from the same plan, refitted with the new ONNX's weights (no rebuild).
+
+        The serving engine is never refitted in place, so requests keep using
+        it until the caller swaps in the returned model.
+        """
+        if self.plan is None:
+            raise TensorRTError("this model keeps no serialized plan to refit a copy of")
+        engine = deserialize(self.plan)
+        refit_from_onnx(engine, onnx_bytes)
+        return TensorRTModel(engine, self.plan)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self._predict(x)
+
+    def _predict(self, x: np.ndarray) -> np.ndarray:
         torch = self._torch
         name_in, name_out = self.inputs[0], self.outputs[0]
         x = np.ascontiguousarray(x, dtype=self._dtypes[name_in])
