@@ -174,7 +174,7 @@ class LocalDeployment:
 
     def flwr(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         """One `flwr` CLI call against this deployment's SuperLink connection."""
-        done = subprocess.run(["flwr", *args], env=self.env(), cwd=self.app_dir, capture_output=True, text=True,
+        done = subprocess.run(["flwr", *args], env=self.env(), cwd=self.app_dir, capture_output=True, text=True, check=False,
                               timeout=timeout)
         if check and done.returncode != 0:
             raise RuntimeError(f"flwr {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app.typing import MetricRecordValues
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -61,6 +62,13 @@ class TrainRound:
     downlink: int
 
 
+def scalar(value: MetricRecordValues) -> float:
+    """A metric that must be one number (MetricRecord values may also be lists)."""
+    if isinstance(value, list):
+        raise TypeError(f"expected a number, got a list of {len(value)}")
+    return float(value)
+
+
 def evaluate_fleet(strategy: Strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
                    timeout: float) -> FleetAccuracy:
     """Fleet accuracy over the nodes connected now; a node that does not answer in time is left out."""
@@ -77,7 +85,7 @@ def evaluate_fleet(strategy: Strategy, server_round: int, arrays: ArrayRecord, c
             log.warning("evaluation reply from node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
         m = reply.content.metric_records["metrics"]
-        evals.append(ClientEval(int(m["partition-id"]), int(m["num-examples"]), int(m["correct"]), int(m["personal-correct"])))
+        evals.append(ClientEval(*(int(scalar(m[k])) for k in ("partition-id", "num-examples", "correct", "personal-correct"))))
     if len(evals) < len(messages):
         log.warning("round %d: %d of %d nodes evaluated", server_round, len(evals), len(messages))
     return fleet_accuracy(evals)
@@ -161,7 +169,7 @@ def run_federation(grid: Grid, settings: RunSettings, on_round: RoundCallback | 
             "finished_at": time.time(),
         }
         if result.metrics is not None:
-            row.update({k.replace("-", "_"): float(v) for k, v in result.metrics.items() if k != "partition-id"})
+            row.update({k.replace("-", "_"): scalar(v) for k, v in result.metrics.items() if k != "partition-id"})
         rows.append(row)
         checkpoints.commit(server_round, from_record(arrays), strategy, rows, totals, base, fleet)
         if on_round is not None:
