@@ -111,7 +111,7 @@ class EdgeAgent:
         self._served: Served | None = None
         self._last_good: Served | None = None
         self.rejected: dict[int, str] = {}  # last refusal reason per version (reported, and for operators)
-        self._refused: set[str] = set()  # keys of notices never to retry (see _notice_key)
+        self._refused: set[str] = self._load_refused()  # notices never to retry, kept across restarts
         self._events: list[edge_pb2.DeploymentEvent] = []
         self._events_lock = threading.Lock()
         self._window = _Window(version=0)
@@ -133,6 +133,23 @@ class EdgeAgent:
             x = np.asarray(npz["x"], dtype=np.float32)
             y = np.asarray(npz["y"], dtype=np.int64) if "y" in npz.files else None
         return x, y
+
+    def _load_refused(self) -> set[str]:
+        path = self.workdir / "refused.txt"
+        return set(path.read_text().split()) if path.exists() else set()
+
+    def _refuse(self, key: str) -> None:
+        self._refused.add(key)
+        _atomic_write(self.workdir / "refused.txt", "".join(f"{k}\n" for k in sorted(self._refused)).encode())
+
+    def _prune(self) -> None:
+        """Keep only the serving and the last good model on disk."""
+        keep = {self._model_dir(s.version).name for s in (self._served, self._last_good) if s is not None}
+        for d in (self.workdir / "models").iterdir():
+            if d.is_dir() and d.name not in keep and not d.name.endswith(".tmp"):
+                for f in d.iterdir():
+                    f.unlink()
+                d.rmdir()
 
     def _model_dir(self, version: int) -> Path:
         return self.workdir / "models" / f"v{version:06d}"
@@ -200,7 +217,7 @@ class EdgeAgent:
             self._window = _Window(version=good.version)
         _atomic_write(self.workdir / "current", f"{good.version}\n".encode())
         self.rejected[failed.version] = reason
-        self._refused.add(_manifest_key(failed.manifest))
+        self._refuse(_manifest_key(failed.manifest))
         self._event(failed.version, "rolled_back", reason)
         log.warning("%s: rolled back v%d -> v%d: %s", self.config.device_id, failed.version, good.version, reason)
         return True
@@ -274,7 +291,7 @@ class EdgeAgent:
             if manifest.version != notice.version:
                 raise ArtifactError(f"notice says v{notice.version}, signed manifest says v{manifest.version}")
         except ArtifactError as err:
-            self._refused.add(forged_key)
+            self._refuse(forged_key)
             self._reject(notice.version, f"manifest refused: {err}")
             return "refused"
         key = _manifest_key(manifest)
@@ -295,11 +312,12 @@ class EdgeAgent:
             log.warning("%s: v%d not complete yet: %s", self.config.device_id, manifest.version, err)
             return "incomplete"  # not a refusal: the next notice (after reconnecting) resumes it
         except Exception as err:  # noqa: BLE001 - whatever fails on an untrusted artifact is a refusal
-            self._refused.add(key)
+            self._refuse(key)
             self._reject(manifest.version, _refusal(err))
             return "refused"
         self._persist(manifest, notice.manifest, notice.signature, data)
         self._swap(Served(manifest.version, manifest, model, accuracy))
+        self._prune()
         self._event(manifest.version, "deployed")
         log.info("%s: serving v%d (%s)", self.config.device_id, manifest.version, self.runtime)
         return "deployed"

@@ -154,6 +154,15 @@ def test_live_failure_rolls_back_to_the_last_good_model(tmp_path: Path, registry
         assert (agent.workdir / "current").read_text().strip() == "1"
     finally:
         agent.stop()
+    again = make_agent(tmp_path, address, reg)  # after a restart, v2 is still the registry's latest
+    try:
+        assert again.serving_version == 1
+        v2 = reg.store.read(2)
+        notice = edge_pb2.DeploymentNotice(version=2, manifest=v2.canonical, signature=v2.signature)
+        assert again.handle_notice(notice) == "skipped"  # the rolled-back version is not deployed again
+        assert again.serving_version == 1
+    finally:
+        again.stop()
 
 
 def test_agent_restarts_on_its_last_verified_model(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
