@@ -69,6 +69,14 @@ class BlockAvgStrategy(FedAvg):
         self._rng = random.Random(seed)
         self._previous: dict[str, np.ndarray] = dict(initial)
 
+    # ---- checkpoints (fedge.checkpoint.Stateful): byte totals survive a resume; profiles are asked again ----
+    def state_dict(self) -> dict[str, Any]:
+        return {"uplink": dict(self.uplink), "control_bytes": self.control_bytes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.uplink = {k: type(v)(state["uplink"][k]) for k, v in self.uplink.items()}
+        self.control_bytes = int(state["control_bytes"])
+
     # ---- who is who ------------------------------------------------------------------
     def learn_profiles(self, grid: Grid, config: ConfigRecord) -> dict[int, dict[str, Any]]:
         """Ask nodes not yet known for their partition and profile (one small query each)."""
