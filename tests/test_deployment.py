@@ -71,7 +71,10 @@ def test_three_supernodes_two_rounds(tmp_path: Path) -> None:
 
 
 def test_supernode_killed_mid_round(tmp_path: Path) -> None:
-    """A SuperNode dies while training round 1; the round aggregates the others after round-timeout and the run ends."""
+    """A SuperNode dies while training round 1: the round aggregates the other two after round-timeout.
+
+    The node is restarted at once and trains again in round 2.
+    """
     out = tmp_path / "out"
     with LocalDeployment(tmp_path / "fleet", num_nodes=3) as dep:
         dep.start()
@@ -79,11 +82,13 @@ def test_supernode_killed_mid_round(tmp_path: Path) -> None:
         victim = dep.nodes["supernode-2"]
         wait_for(lambda: log_has(victim, "Receiving: train message"), 300, "round 1 to reach supernode-2")
         victim.stop(sig=signal.SIGKILL)  # a crash: no deactivation, the SuperLink only sees silence
+        rejoined = dep.start_supernode(2, name="supernode-2-rejoined")
         finish(dep, run_id)
+        assert log_has(rejoined, "Receiving: train message")
     rounds = method_entry(out, "lora-fedavg")["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[0]["sent"] == 3 and rounds[0]["clients"] == 2
-    assert all(r["clients"] >= 2 for r in rounds)
+    assert rounds[1]["clients"] == 3  # the rejoined node trained; a not yet expired ghost may add to `sent`
 
 
 def test_server_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
