@@ -80,8 +80,10 @@ def run(
     resume: Annotated[bool, typer.Option(help="continue from the checkpoints in OUT/checkpoints instead of starting over")] = False,
     run_config: Annotated[list[str] | None, typer.Option(
         "--run-config", help="Flower-style overrides, e.g. \"density-up=0.0625 server-opt='adamw'\" (repeatable)")] = None,
+    edge_devices: Annotated[int, typer.Option(
+        help="edge agents (separate processes on loopback) that receive the first method's final model; 0: none")] = 2,
 ) -> None:
-    """Run federations of the given methods on a scenario, with Flower's simulation runtime."""
+    """Run federations of the given methods on a scenario, with Flower's simulation runtime, then deploy to the edge."""
     from fedge.results import PLOT_FILE, RESULTS_FILE, load_results, plot_accuracy_vs_uplink, write_results
     from fedge.simulation import simulate
 
@@ -101,6 +103,7 @@ def run(
     if run_config:
         common.update(_run_config_overrides(run_config))
     started = time.perf_counter()
+    outcomes: dict[str, Any] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),
                   TimeElapsedColumn(), console=console) as progress:
         for name in names:
@@ -111,14 +114,31 @@ def run(
                 rows.append(row)
                 progress.update(task, advance=1, acc=f"acc {row['accuracy']:.3f}  up {row['uplink_bytes'] / 1e3:.0f} KB")
 
-            simulate({**common, "method": name}, on_round=on_round)
+            outcomes[name] = simulate({**common, "method": name}, on_round=on_round)
             progress.console.print(_round_table(name, rows))
     results = load_results(out)
+    if edge_devices > 0:
+        results["edge"] = _deploy_final({**common, "method": names[0]}, outcomes[names[0]].arrays, edge_devices, out)
     results["run"] = {"methods": names, "rounds": rounds, "clients": clients, "seconds": time.perf_counter() - started}
     write_results(out, results)
     plot = plot_accuracy_vs_uplink(results, out / PLOT_FILE)
     console.print(_final_table(results))
     console.print(f"wrote {results_path} and {plot}")
+
+
+def _deploy_final(config: dict[str, Any], arrays: Any, devices: int, out: Path) -> dict[str, Any]:
+    """Export the run's final model and push it to `devices` edge agents; returns results.json's "edge" entry."""
+    from fedge.deploy import deploy_to_edge
+    from fedge.handoff import final_model, fleet_test_data
+
+    with console.status(f"{config['method']}: exporting and deploying to {devices} edge agents"):
+        edge = deploy_to_edge(final_model(config, arrays), fleet_test_data(config), devices, out / "edge")
+    art = edge["artifact"]
+    console.print(f"edge: {edge['deployed']}/{edge['devices']} agents serve {config['method']} on {edge['runtime']}; "
+                  f"ONNX {art['bytes'] / 1e6:.2f} MB (max |onnx - torch| {art['max_abs_diff_vs_torch']:.1e}), "
+                  f"int8 {edge['int8']['bytes'] / 1e6:.2f} MB at accuracy {edge['int8']['accuracy']:.4f}; "
+                  f"fleet accuracy {edge['accuracy']:.4f}, p50 {edge['p50_latency_ms']:.2f} ms")
+    return edge
 
 
 @app.command("deploy-local")
