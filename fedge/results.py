@@ -95,6 +95,7 @@ def plot_accuracy_vs_uplink(results: dict[str, Any], path: str | Path) -> Path:
     if base is not None:
         ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="base model")
     ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlim(left=0)
     ax.set_xlabel("cumulative uplink (MB, wire bytes)")
     ax.set_ylabel("global accuracy (target domain)")
     ax.set_title(f"{results.get('scenario', {}).get('name', '')}: accuracy vs uplink")
