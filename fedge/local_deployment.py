@@ -123,7 +123,7 @@ class LocalDeployment:
         self.logs = self.workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        if self.secure:
+        if self.secure:  # one key more than nodes: never registered, for checking that strangers are refused
             self.credentials = create_credentials(self.workdir / "certs", nodes=self.num_nodes + 1)
         self._write_connection()
 
