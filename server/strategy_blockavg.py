@@ -158,7 +158,7 @@ class BlockAvgStrategy(FedAvg):
                                             MessageType.TRAIN)
         novel_down = total_wire_bytes(messages)
         novel_clients = []
-        for reply in grid.send_and_receive(messages, timeout=self.timeout):
+        for reply in grid.send_and_receive(messages, timeout=self.timeout) if messages else []:
             if reply.has_error():
                 log.warning("novel node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
@@ -179,7 +179,8 @@ class BlockAvgStrategy(FedAvg):
         out: dict[str, Any] = {
             "uplink": {**self.uplink, "control_bytes": self.control_bytes},
             "clients": clients,
-            "after_novel_join": {"accuracy": fleet.accuracy, "personalized_accuracy": fleet.personalized_accuracy,
+            # one more evaluation of every node once the novel ones joined (gates tuned once more)
+            "end_evaluation": {"accuracy": fleet.accuracy, "personalized_accuracy": fleet.personalized_accuracy,
                                  "bottom_decile_accuracy": fleet.bottom_decile_accuracy, "clients": fleet.clients},
             "novel_downlink_bytes": novel_down,
         }
