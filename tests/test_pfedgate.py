@@ -213,3 +213,16 @@ def test_budgets_override_per_tier() -> None:
     assert sparsity_budget(TIERS["mid"], "0.9,0.6,0.2") == 0.6
     with pytest.raises(ValueError):
         sparsity_budget(TIERS["mid"], "0.9,0.6")
+
+
+def test_profile_query_reports_partition_and_budget() -> None:
+    from fedge.client.profile import profile_reply
+    from fedge.profiles import PROFILE_QUERY
+
+    settings = RunSettings(method="pfedgate", budgets="1.0,0.6,0.2")
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 2, "num-partitions": 3}, state=RecordDict(),
+                      run_config={})
+    query = Message(RecordDict({"config": ConfigRecord(settings.to_config())}), dst_node_id=1, message_type=PROFILE_QUERY)
+    profile = profile_reply(query, context).content.config_records["profile"]
+    assert (profile["partition-id"], profile["num-partitions"], profile["tier"]) == (2, 3, "weak")
+    assert profile["sparsity-budget"] == 0.2
