@@ -60,7 +60,7 @@ class RunSettings:
     gate_lr: float = 0.05
     gate_prior: float = 2.0  # initial gate logits fall from 0 to -gate_prior along each tensor's blocks (nested sparse models)
     budgets: str = ""  # per-tier sparsity budgets "strong,mid,weak", e.g. "1.0,0.5,0.3"; empty: the device profiles'
-    novel_clients: int = 1  # last partitions held out of training; they join at the end and train only their gate
+    novel_clients: int = 0  # last partitions held out of training; they join at the end and train only their gate
     novel_epochs: int = 10  # the novel clients' gate-only epochs (cheap: no shared-model gradients)
     gate_tune_epochs: int = 1  # gate-only epochs on each new shared model before a client evaluates its personal model
     out_dir: str = "fedge-out"
