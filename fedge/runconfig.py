@@ -81,13 +81,14 @@ class RunSettings:
 
     def codec_params(self, codec: str) -> dict[str, Any]:
         """The run's knobs for one codec, by the codec's own parameter names."""
-        return {
+        params: dict[str, dict[str, Any]] = {
             "fedzip": {"z": self.fedzip_z, "clusters": self.kmeans_clusters},
             "flasc": {"density": self.density_up, "value_dtype": self.flasc_values},
             "ternary": {"k": self.ternary_k},
             "q8": {"block": self.quant_block},
             "q4": {"block": self.quant_block},
-        }.get(codec, {})
+        }
+        return params.get(codec, {})
 
     def scenario_options(self) -> dict[str, Any]:
         return {"seed": self.seed, "alpha": self.alpha}

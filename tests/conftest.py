@@ -16,3 +16,14 @@ def digits():
     from fedge.scenario import load_scenario
 
     return load_scenario("digits-shift", seed=0, alpha=0.5)
+
+
+@pytest.fixture
+def run_identity():
+    """Flower messages can only be built inside a run; give this process one for the test."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -25,12 +24,8 @@ from fedge.wire import message_wire_bytes
 
 
 @pytest.fixture(autouse=True)
-def _run_identity():
-    """Messages can only be built inside a run; give this process one."""
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+def _run_identity(run_identity):
+    """Every test here builds Flower messages."""
 
 
 def _tiny_model() -> nn.Module:
