@@ -66,7 +66,7 @@ def _run_config_overrides(items: list[str]) -> dict[str, Any]:
 @app.command()
 def run(
     methods: Annotated[str, typer.Option(help=f"comma-separated; known: {','.join(METHODS)}")] = "lora-fedavg,full-fedavg",
-    rounds: Annotated[int | None, typer.Option(help="server rounds (default 10, --quick 8)")] = None,
+    rounds: Annotated[int, typer.Option(help="server rounds")] = 10,
     clients: Annotated[int | None, typer.Option(help="virtual clients (default 8, --quick 6)")] = None,
     clients_per_round: Annotated[int, typer.Option(help="clients sampled per round (0: all)")] = 0,
     seed: int = 0,
@@ -91,7 +91,6 @@ def run(
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise typer.BadParameter(f"unknown methods {unknown}; known: {sorted(METHODS)}", param_hint="--methods")
-    rounds = rounds or (8 if quick else 10)
     clients = clients or (6 if quick else 8)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS_FILE

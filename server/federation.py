@@ -28,7 +28,7 @@ from fedge.results import ClientEval, FleetAccuracy, fleet_accuracy, record_meth
 from fedge.runconfig import RunSettings
 from fedge.scenario import load_scenario
 from fedge.server.checkpoints import RunCheckpoints
-from fedge.server.nodes import connected_view, required_replies, wait_for_nodes
+from fedge.server.nodes import connected_view, in_partition_order, required_replies, wait_for_nodes
 from fedge.server.strategies import build_strategy
 from fedge.state import from_record, to_record
 from fedge.wire import total_wire_bytes
@@ -100,7 +100,7 @@ def train_round(strategy: Strategy, server_round: int, arrays: ArrayRecord, conf
         with connected_view(strategy, grid, nodes) as view:
             messages: list[Message] = list(strategy.configure_train(server_round, arrays, config, view))
         downlink += total_wire_bytes(messages)
-        replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+        replies = in_partition_order(grid.send_and_receive(messages, timeout=settings.round_timeout))
         ok = [r for r in replies if not r.has_error()]
         uplink += total_wire_bytes(ok)
         for r in replies:

@@ -56,6 +56,22 @@ class SnapshotGrid(Grid):
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
+def in_partition_order(replies: Iterable[Message]) -> list[Message]:
+    """Replies sorted by the sender's partition (then node id), failures last.
+
+    Replies arrive in whatever order clients finish; floating-point sums depend
+    on order, and over rounds that difference grows into different models.
+    Aggregating in a fixed order makes a run reproducible.
+    """
+    def key(reply: Message) -> tuple[int, int, int]:
+        if reply.has_error() or "metrics" not in reply.content.metric_records:
+            return (1, 0, reply.metadata.src_node_id)
+        pid = reply.content.metric_records["metrics"].get("partition-id", -1)
+        return (0, int(pid), reply.metadata.src_node_id)
+
+    return sorted(replies, key=key)
+
+
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float, poll: float = 1.0) -> list[int]:
     """Connected node ids once `wanted` are online, or whatever is online when `timeout` runs out."""
     deadline = time.monotonic() + timeout
