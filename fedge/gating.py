@@ -22,7 +22,7 @@ the optimum, cheap enough to run on every batch, and deterministic.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedge.blocks import BlockLayout
+from fedge.training import TrainStats, train_epochs
 
 #: images larger than this (per side) are average-pooled to it before the gate sees them
 GATE_POOL = 8
@@ -175,42 +176,23 @@ class GatedModel(nn.Module):
         self.fixed = None
 
 
-@dataclass
-class GatedTrainStats:
-    num_examples: int
-    loss: float
-    steps: int
-
-
 def train_gated(gated: GatedModel, data: TensorDataset, *, epochs: int, lr: float, gate_lr: float, batch_size: int,
-                device: torch.device, seed: int, train_shared: bool = True) -> GatedTrainStats:
+                device: torch.device, seed: int, train_shared: bool = True) -> TrainStats:
     """Adam on the shared parameters (lr) and the gate (gate_lr) jointly; gate only when `train_shared` is off."""
     gated.unfreeze()
     shared = [p for p in gated._shared.values() if p.requires_grad]
-    groups = [{"params": list(gated.gate.parameters()), "lr": gate_lr}]
+    groups: list[dict[str, Any]] = [{"params": list(gated.gate.parameters()), "lr": gate_lr}]
     if train_shared:
         groups.append({"params": shared, "lr": lr})
     else:  # no gradients for what stays fixed
         for p in shared:
             p.requires_grad_(False)
-    optimizer = torch.optim.Adam(groups)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
-                        drop_last=len(data) > batch_size)  # BatchNorm needs more than one sample
-    gated.to(device).train()
-    total, seen, steps = 0.0, 0, 0
-    for _ in range(epochs):
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(gated(x), y)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(y)
-            seen += len(y)
-            steps += 1
-    for p in shared:
-        p.requires_grad_(True)
-    return GatedTrainStats(num_examples=len(data), loss=total / max(seen, 1), steps=steps)
+    try:
+        return train_epochs(gated, data, epochs=epochs, lr=lr, batch_size=batch_size, device=device, seed=seed,
+                            param_groups=groups, drop_last=len(data) > batch_size)  # BatchNorm needs two samples
+    finally:
+        for p in shared:
+            p.requires_grad_(True)
 
 
 def gate_state(gate: BlockGate) -> dict[str, np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,12 +42,20 @@ def train_epochs(
     params: Iterable[nn.Parameter] | None = None,
     weight_decay: float = 0.0,
     extra_loss: Callable[[], torch.Tensor] | None = None,
+    param_groups: list[dict[str, Any]] | None = None,
+    drop_last: bool = False,
 ) -> TrainStats:
-    """Adam on the given parameters (default: those with requires_grad), seeded shuffling."""
-    trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay)
+    """Adam on the given parameters (default: those with requires_grad), seeded shuffling.
+
+    `param_groups` (Adam's own groups, each with its lr) replaces `params` where parts
+    of a model learn at different rates; `drop_last` keeps BatchNorm away from batches of one.
+    """
+    if param_groups is None:
+        trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+        param_groups = [{"params": trainable}]
+    optimizer = torch.optim.Adam(param_groups, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator, drop_last=drop_last)
     loss_fn = nn.CrossEntropyLoss()
     model.to(device).train()
     total_loss, total_seen, steps = 0.0, 0, 0

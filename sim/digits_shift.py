@@ -30,7 +30,7 @@ from fedge.profiles import tier_for
 from fedge.scenario import ClientData
 from fedge.sim.partition import dirichlet_partition
 from fedge.sim.shifts import CameraShift
-from fedge.training import evaluate, train_epochs
+from fedge.training import train_epochs
 
 IMAGE_SIZE = 32
 
