@@ -14,10 +14,9 @@ from fedge.envelope import encode_update
 from fedge.federated_model import exchanged_state
 from fedge.state import add, from_record, subtract, to_record
 from fedge.training import train_epochs
-from fedge.update_record import envelope_record
+from fedge.update_record import UPDATE_RECORD, envelope_record
 
 RESIDUAL_KEY = "fedge.residual"
-UPDATE_RECORD = "update"
 
 
 def _residual(context: Context, reference: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray] | None:

@@ -8,8 +8,6 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-NamedArrays = "OrderedDict[str, np.ndarray]"
-
 
 def to_numpy(state: dict[str, torch.Tensor]) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((k, v.detach().cpu().numpy().astype(np.float32, copy=True)) for k, v in state.items())

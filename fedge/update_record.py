@@ -10,6 +10,8 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 ENVELOPE_STYPE = "fedge.envelope/v1"
 ENVELOPE_KEY = "envelope"
+#: the record of a client's reply that holds its compressed update
+UPDATE_RECORD = "update"
 
 
 def envelope_record(envelope: bytes) -> ArrayRecord:

@@ -20,11 +20,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedge.envelope import EnvelopeError, decode_update, expected_specs
 from fedge.state import add, from_record, to_record
-from fedge.update_record import envelope_bytes
+from fedge.update_record import UPDATE_RECORD, envelope_bytes
 
 log = logging.getLogger("fedge.server")
-
-UPDATE_RECORD = "update"
 
 
 class CompressedFedAvg(FedAvg):
