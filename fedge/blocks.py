@@ -47,7 +47,12 @@ class BlockLayout:
 
     @classmethod
     def of(cls, shapes: Mapping[str, Sequence[int]], splits: int) -> BlockLayout:
-        """Split every tensor into `splits` near-equal contiguous blocks (fewer when it has fewer elements)."""
+        """Split every tensor into `splits` near-equal contiguous blocks of whole rows (fewer when it has fewer rows).
+
+        A row is one output unit (a linear layer's output feature, a conv's output
+        channel, a bias entry), so a block gates whole units: the classifier's rows
+        become per-class blocks a client can amplify or damp for its own labels.
+        """
         if splits < 1:
             raise ValueError("splits must be >= 1")
         blocks: list[Block] = []
@@ -55,7 +60,8 @@ class BlockLayout:
             numel = int(np.prod(shape, dtype=np.int64))
             if numel == 0:
                 continue
-            edges = np.linspace(0, numel, min(splits, numel) + 1).round().astype(np.int64)
+            rows = int(shape[0]) if len(shape) > 1 else numel
+            edges = np.linspace(0, rows, min(splits, rows) + 1).round().astype(np.int64) * (numel // rows)
             blocks.extend(Block(name, i, int(a), int(b)) for i, (a, b) in enumerate(pairwise(edges)))
         return cls(tuple((k, tuple(int(d) for d in s)) for k, s in shapes.items()), tuple(blocks))
 

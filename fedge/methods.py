@@ -57,7 +57,7 @@ register(Method(
 register(Method(
     "flasc", codec="flasc", **{**_COMPRESSED, "strategy": "flasc"},  # type: ignore[arg-type]
     summary="FLASC: global top-k of the LoRA update at density d_up, sparse top-k download at d_down, "
-            "server AdamW on the averaged pseudo-gradient.",
+            "server SGD (lr 2) or AdamW on the averaged pseudo-gradient, stepping from the downloaded model.",
 ))
 register(Method(
     "ternary", codec="ternary", **_COMPRESSED,  # type: ignore[arg-type]

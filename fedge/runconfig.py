@@ -49,8 +49,8 @@ class RunSettings:
     density_down: float = 0.25  # FLASC download density
     ternary_k: float = 0.2
     quant_block: int = 64
-    server_opt: str = "sgd"  # FLASC server optimizer: sgd (lr 1 = FedAvg of sparse updates) or adamw
-    server_lr: float = 0.0  # 0: 1.0 for sgd, 1e-3 for adamw
+    server_opt: str = "sgd"  # FLASC server optimizer: sgd or adamw
+    server_lr: float = 0.0  # 0: 2.0 for sgd (1.0 would be plain FedAvg of the sparse updates), 1e-3 for adamw
     max_update_bytes: int = 64 << 20
     #: fault drill: comma-separated partition ids whose uploads are deliberately damaged
     fault_partitions: str = ""
