@@ -24,6 +24,7 @@ import numpy as np
 
 from fedge.codecs import available_codecs, build_codec, entropy_report
 from fedge.envelope import decode_update, encode_update, expected_specs
+from fedge.runconfig import RunSettings
 
 Update = OrderedDict[str, np.ndarray]
 
@@ -146,11 +147,14 @@ def run_codec_bench(
     """Benchmark every codec (default: all registered) on a LoRA update and a random one.
 
     `random_params=0` or `lora=False` skips that update. `threads` caps the
-    BLAS/OpenMP pools during timing (1 = one core, None = leave as is).
+    BLAS/OpenMP pools during timing (1 = one core, None = leave as is). Codecs run
+    with the run defaults' parameters unless `codec_params` names others.
     """
     from threadpoolctl import threadpool_limits
 
     names = list(codecs) if codecs else available_codecs()
+    if codec_params is None:  # the settings a `fedge run` would use
+        codec_params = {name: RunSettings().codec_params(name) for name in names}
     updates: list[tuple[str, Update]] = []
     if lora:
         updates.append((f"lora:{scenario}", lora_update(scenario, epochs=lora_epochs, seed=seed)))
