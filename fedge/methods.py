@@ -72,7 +72,7 @@ register(Method(
     summary="Block-wise 4-bit quantization of the dense LoRA update (NVIDIA FLARE's filter as the peer baseline).",
 ))
 register(Method(
-    "pfedgate", "full", client="pfedgate", strategy="blockavg", lr=1e-3,
+    "pfedgate", "full", client="pfedgate", strategy="blockavg", lr=2e-3,
     summary="pFedGate: a personal gate per client scores blocks of the shared model; a knapsack under the "
             "device's sparsity budget keeps and scales blocks; only kept blocks go up, averaged per block.",
 ))

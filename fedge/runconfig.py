@@ -62,7 +62,7 @@ class RunSettings:
     budgets: str = ""  # per-tier sparsity budgets "strong,mid,weak", e.g. "1.0,0.5,0.3"; empty: the device profiles'
     novel_clients: int = 0  # last partitions held out of training; they join at the end and train only their gate
     novel_epochs: int = 10  # the novel clients' gate-only epochs (cheap: no shared-model gradients)
-    gate_tune_epochs: int = 1  # gate-only epochs on each new shared model before a client evaluates its personal model
+    gate_tune_epochs: int = 3  # gate-only epochs on each new shared model before a client evaluates its personal model
     out_dir: str = "fedge-out"
 
     @classmethod
