@@ -221,3 +221,12 @@ def test_profile_query_reports_partition_and_budget() -> None:
     profile = profile_reply(query, context).content.config_records["profile"]
     assert (profile["partition-id"], profile["num-partitions"], profile["tier"]) == (2, 3, "weak")
     assert profile["sparsity-budget"] == 0.2
+
+
+def test_blocks_hold_whole_rows_so_classifier_rows_are_per_class() -> None:
+    layout = BlockLayout.of({"head.weight": (10, 256), "head.bias": (10,), "conv.weight": (16, 4, 3, 3)}, splits=16)
+    head = [layout.blocks[i] for i in layout.blocks_of("head.weight")]
+    assert [(b.start, b.stop) for b in head] == [(256 * r, 256 * (r + 1)) for r in range(10)]
+    assert len(layout.blocks_of("head.bias")) == 10
+    conv = [layout.blocks[i] for i in layout.blocks_of("conv.weight")]
+    assert len(conv) == 16 and all(b.size == 4 * 3 * 3 for b in conv)
