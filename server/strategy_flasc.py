@@ -1,7 +1,8 @@
 """FLASC: sparse download, sparse upload, and a server optimizer on the averaged pseudo-gradient.
 
 On the default scenario, stepping from the dense global rather than from the
-downloaded model collapsed accuracy in rounds 3-4 (to 0.23-0.34) on three seeds.
+downloaded model collapsed accuracy in round 3 or 4 (to 0.23-0.34) on two of
+three seeds.
 """
 
 from __future__ import annotations
