@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, track
 from rich.table import Table
 
 from fedge.methods import METHODS
@@ -153,6 +153,7 @@ def deploy_local(
     checkpoint: Annotated[str, typer.Option(help="auto (resume), fresh or off")] = "auto",
     workdir: Annotated[Path | None, typer.Option(help="logs, Flower state and certificates (default OUT/deployment)")] = None,
     timeout: Annotated[float, typer.Option(help="give up on the run after this many seconds")] = 3600.0,
+    node_data: Annotated[Path | None, typer.Option(help="folder of node-<i>.npz (`fedge node-data`): each node trains on its own file")] = None,
 ) -> None:
     """Run one federation on Flower's deployment runtime: a SuperLink and N SuperNodes on loopback, via `flwr run`."""
     from fedge.local_deployment import run_local
@@ -163,7 +164,8 @@ def deploy_local(
     config = {"method": method, "num-server-rounds": rounds, "local-epochs": local_epochs, "out-dir": str(out),
               "round-timeout": round_timeout, "min-replies": min_replies, "checkpoint": checkpoint}
     with console.status(f"{method}: SuperLink + {clients} SuperNodes, {rounds} rounds"):
-        results = run_local(workdir or out / "deployment", clients, config, secure=secure, timeout=timeout)
+        results = run_local(workdir or out / "deployment", clients, config, secure=secure, timeout=timeout,
+                            node_data=node_data)
     console.print(_round_table(method, results["methods"][method]["rounds"]))
     console.print(_final_table(results))
     dep = results["deployment"]
@@ -184,6 +186,25 @@ def certs(
     creds = create_credentials(folder, nodes=nodes, hosts=host or [])
     console.print(f"CA {creds.ca_cert}; SuperLink {creds.server_cert} + {creds.server_key}; "
                   f"{len(creds.node_keys)} SuperNode keys ({', '.join(p.name for p, _ in creds.node_keys)}) and .pub files")
+
+
+@app.command("node-data")
+def node_data_cmd(
+    folder: Annotated[Path, typer.Argument(help="where to write node-<i>.npz")],
+    clients: Annotated[int, typer.Option(help="partitions to write")] = 3,
+    scenario: str = "digits-shift",
+    seed: int = 0,
+    alpha: Annotated[float, typer.Option(help="Dirichlet label-skew concentration")] = 0.5,
+) -> None:
+    """Write each scenario partition as a node-data file, for SuperNodes started with `data-path` in their node config."""
+    from fedge.node_data import save_node_data
+    from fedge.scenario import load_scenario
+
+    chosen = load_scenario(scenario, seed=seed, alpha=alpha)
+    for i in track(range(clients), description="partitions", console=console):
+        data = chosen.client_data(i, clients)
+        save_node_data(folder / f"node-{i}.npz", data)
+    console.print(f"wrote {clients} node-data files to {folder}")
 
 
 @bench_app.command("codecs")

@@ -116,6 +116,8 @@ class LocalDeployment:
     superlink: Proc | None = None
     nodes: dict[str, Proc] = field(default_factory=dict)  # by process name
     credentials: Credentials | None = None
+    #: a folder of node-<i>.npz files: each SuperNode trains on its own file (node config `data-path`)
+    node_data: Path | None = None
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -153,9 +155,15 @@ class LocalDeployment:
         return [*cmd, "--ssl-ca-certfile", str(c.ca_cert), "--ssl-certfile", str(c.server_cert),
                 "--ssl-keyfile", str(c.server_key), "--enable-supernode-auth"]
 
+    def node_config(self, partition: int) -> str:
+        config = f"partition-id={partition} num-partitions={self.num_nodes}"
+        if self.node_data is not None:
+            config += f" data-path='{(Path(self.node_data) / f'node-{partition}.npz').resolve()}'"
+        return config
+
     def supernode_command(self, partition: int, key: Path | None = None, max_retries: int | None = None) -> list[str]:
         cmd = ["flower-supernode", "--superlink", f"127.0.0.1:{self.fleet_port}", "--port", str(free_port()),
-               "--node-config", f"partition-id={partition} num-partitions={self.num_nodes}"]
+               "--node-config", self.node_config(partition)]
         if max_retries is not None:
             cmd += ["--max-retries", str(max_retries)]
         if self.credentials is None:
@@ -280,7 +288,7 @@ class LocalDeployment:
 
 
 def run_local(workdir: str | Path, num_nodes: int, run_config: dict[str, Any], *, secure: bool = False,
-              timeout: float = 3600.0, app_dir: str | Path | None = None) -> dict[str, Any]:
+              timeout: float = 3600.0, app_dir: str | Path | None = None, node_data: Path | None = None) -> dict[str, Any]:
     """Start the deployment, run the federation through `flwr run`, wait, stop everything; results.json's content.
 
     The run's results.json (written by the ServerApp into `out-dir`) gains a
@@ -291,7 +299,8 @@ def run_local(workdir: str | Path, num_nodes: int, run_config: dict[str, Any], *
     out_dir = Path(run_config.get("out-dir", Path(workdir) / "out")).resolve()
     run_config = {**run_config, "out-dir": str(out_dir), "num-clients": num_nodes}
     started = time.perf_counter()
-    deployment = LocalDeployment(Path(workdir), num_nodes, app_dir=find_app_dir(app_dir), secure=secure)
+    deployment = LocalDeployment(Path(workdir), num_nodes, app_dir=find_app_dir(app_dir), secure=secure,
+                                 node_data=node_data)
     with deployment:
         deployment.start()
         run_id = deployment.submit(run_config)

@@ -33,6 +33,8 @@ class Scenario(Protocol):
     name: str
     architecture: str
     num_classes: int
+    #: one input sample's shape (what a node's own data must match)
+    sample_shape: tuple[int, ...]
 
     def base_model(self) -> nn.Module:
         """The pretrained source-domain model (trained once, cached, seeded)."""

@@ -48,6 +48,7 @@ class DigitsShift:
     name = "digits-shift"
     architecture = "digits-cnn"
     num_classes = 10
+    sample_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
 
     def __init__(
         self,

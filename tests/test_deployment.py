@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from fedge.local_deployment import CONNECTION, LocalDeployment, Proc
+from fedge.node_data import save_node_data
 
 pytestmark = [
     pytest.mark.slow,
@@ -110,10 +112,18 @@ def test_server_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
     assert json.loads(next(manifests.glob("*/checkpoint.json")).read_text())["server_round"] == 2
 
 
-def test_tls_and_supernode_authentication(tmp_path: Path) -> None:
-    """TLS on every API plus SuperNode authentication: registered nodes run a round; an unregistered key is refused."""
+def test_tls_and_supernode_authentication(tmp_path: Path, digits) -> None:
+    """TLS on every API plus SuperNode authentication: registered nodes run a round; an unregistered key is refused.
+
+    The nodes read their own files (node config `data-path`), as devices of a real fleet would; node 1's
+    file lacks its test labels, so node 1 loses the round with that reason and node 0 carries it.
+    """
     out = tmp_path / "out"
-    with LocalDeployment(tmp_path / "fleet", num_nodes=2, secure=True) as dep:
+    shards = tmp_path / "node-data"
+    save_node_data(shards / "node-0.npz", digits.client_data(0, 2))
+    good = dict(np.load(shards / "node-0.npz"))
+    np.savez(shards / "node-1.npz", **{k: v for k, v in good.items() if k != "y_test"})
+    with LocalDeployment(tmp_path / "fleet", num_nodes=2, secure=True, node_data=shards) as dep:
         dep.start()
         assert dep.credentials is not None
         intruder = dep.start_supernode(0, key=dep.credentials.node_keys[2][0], max_retries=2, name="intruder")
@@ -125,4 +135,6 @@ def test_tls_and_supernode_authentication(tmp_path: Path) -> None:
         nodes = json.loads(dep.flwr("supernode", "ls", CONNECTION, "--format", "json").stdout)["nodes"]
         assert len(nodes) == 2
         finish(dep, run_id)
-    assert [r["round"] for r in method_entry(out, "lora-fedavg")["rounds"]] == [1]
+        assert "lacks y_test" in dep.logs_of(run_id)
+    rounds = method_entry(out, "lora-fedavg")["rounds"]
+    assert [r["round"] for r in rounds] == [1] and rounds[0]["clients"] == 1
