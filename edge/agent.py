@@ -36,6 +36,7 @@ from fedge.artifacts import (
     verify_model,
 )
 from fedge.edge.runtime import Model, choose_runtime, load_model
+from fedge.grpc_tls import open_channel
 from fedge.protos import edge_pb2, edge_pb2_grpc
 
 log = logging.getLogger("fedge.edge.agent")
@@ -69,6 +70,7 @@ class AgentConfig:
     serve_interval_s: float = 0.005
     report_interval_s: float = 1.0
     max_fetch_attempts: int = 5
+    root_certificates: Path | None = None  # the registry's CA (PEM): TLS; None: plaintext
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ class EdgeAgent:
         self._stop = threading.Event()
         self._report_now = threading.Event()
         self._watch_call: grpc.Call | None = None
-        self.channel = grpc.insecure_channel(config.registry)
+        self.channel = open_channel(config.registry, config.root_certificates)
         self.stub = edge_pb2_grpc.EdgeRegistryStub(self.channel)
         self._restore()
 
@@ -550,6 +552,7 @@ def main(
     tier: str = "mid",
     runtime: str | None = None,
     duration_s: float | None = None,
+    root_certificates: str | Path | None = None,
     **options: float,
 ) -> int:
     """Run one edge agent until SIGINT/SIGTERM (or `duration_s`); `fedge edge agent --registry HOST:PORT`.
@@ -558,6 +561,7 @@ def main(
     """
     config = AgentConfig(registry=registry_address, device_id=device_id, workdir=Path(workdir),
                          public_key=Path(public_key), data=Path(data) if data else None, tier=tier, runtime=runtime,
+                         root_certificates=Path(root_certificates) if root_certificates else None,
                          **options)  # type: ignore[arg-type]
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s agent {device_id} %(message)s")  # no-op if set up
     agent = EdgeAgent(config)
@@ -590,13 +594,14 @@ def _cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--serve-batch", type=int, default=1)
     parser.add_argument("--serve-passes", type=int, default=0, help="passes over --data per version (0: forever)")
+    parser.add_argument("--root-certificates", default=None, help="the registry's CA (PEM): connect over TLS")
     args = parser.parse_args(argv)
     return main(args.registry, args.device_id, public_key=args.public_key, workdir=args.workdir, data=args.data,
                 tier=args.tier, runtime=args.runtime, duration_s=args.duration, chunk_size=args.chunk_size,
                 chunk_delay_s=args.chunk_delay, canary_size=args.canary_size,
                 min_canary_accuracy=args.min_canary_accuracy, max_accuracy_drop=args.max_accuracy_drop,
                 report_interval_s=args.report_interval, threads=args.threads, serve_batch=args.serve_batch,
-                serve_passes=args.serve_passes)
+                serve_passes=args.serve_passes, root_certificates=args.root_certificates)
 
 
 if __name__ == "__main__":

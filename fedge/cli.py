@@ -272,11 +272,13 @@ def registry_serve(
     port: Annotated[int, typer.Option(help="0 picks a free port (printed)")] = 50051,
     key: Annotated[Path | None, typer.Option(help="Ed25519 private key PEM (default WORKDIR/registry.pem, created)")] = None,
     publish: Annotated[Path | None, typer.Option(help="an ONNX file to publish as the first version")] = None,
+    tls_certificate: Annotated[Path | None, typer.Option(help="PEM certificate (e.g. `fedge certs`' server.pem): TLS only")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="its PEM private key (server.key)")] = None,
 ) -> None:
     """Serve the registry over gRPC until interrupted; publishing needs FEDGE_PUBLISH_TOKEN."""
     from fedge.server.registry import serve
 
-    serve(workdir, host, port, key, publish=publish)
+    serve(workdir, host, port, key, publish=publish, tls_certificate=tls_certificate, tls_key=tls_key)
 
 
 @edge_app.command("agent")
@@ -289,12 +291,13 @@ def edge_agent(
     tier: str = "mid",
     runtime: Annotated[str | None, typer.Option(help="tensorrt, onnxruntime-tensorrt, -cuda or -cpu (default: best)")] = None,
     duration: Annotated[float | None, typer.Option(help="seconds to run (default: until interrupted)")] = None,
+    root_certificates: Annotated[Path | None, typer.Option(help="the registry's CA (PEM, e.g. ca.crt): connect over TLS")] = None,
 ) -> None:
     """Run an edge agent: watch the registry, verify, canary-check and serve each new version."""
     from fedge.edge.agent import main as agent_main
 
     agent_main(registry, device_id, public_key=public_key, workdir=workdir, data=data, tier=tier, runtime=runtime,
-               duration_s=duration)
+               duration_s=duration, root_certificates=root_certificates)
 
 
 @edge_app.command("deploy")

@@ -28,6 +28,7 @@ from torch.utils.data import TensorDataset
 from fedge.artifacts import WEIGHTS_FORMAT, sha256_hex
 from fedge.onnx_export import export_model
 from fedge.onnx_weights import changed_initializers, encode_weights
+from fedge.grpc_tls import open_channel
 from fedge.protos import edge_pb2, edge_pb2_grpc
 
 TOKEN_HEADER = "x-fedge-token"
@@ -42,7 +43,7 @@ class DeployError(RuntimeError):
 
 
 def publish(address: str, token: str, data: bytes, fmt: str = "onnx", metadata: dict[str, Any] | None = None,
-            timeout: float = 60.0) -> edge_pb2.PublishReply:
+            timeout: float = 60.0, root_certificates: Path | None = None) -> edge_pb2.PublishReply:
     """Publish an artifact through the registry's admin service (streamed, so size is not capped by gRPC)."""
 
     def chunks() -> Iterator[edge_pb2.PublishChunk]:
@@ -51,7 +52,7 @@ def publish(address: str, token: str, data: bytes, fmt: str = "onnx", metadata: 
         for i in range(PUBLISH_CHUNK, len(data), PUBLISH_CHUNK):
             yield edge_pb2.PublishChunk(data=data[i : i + PUBLISH_CHUNK])
 
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, root_certificates) as channel:
         reply: edge_pb2.PublishReply = edge_pb2_grpc.RegistryAdminStub(channel).Publish(
             chunks(), timeout=timeout, metadata=((TOKEN_HEADER, token),))
     return reply
@@ -66,8 +67,8 @@ def publish_weight_update(address: str, token: str, base: bytes, base_version: i
     return publish(address, token, payload, WEIGHTS_FORMAT, meta)
 
 
-def fleet_status(address: str, timeout: float = 5.0) -> edge_pb2.FleetStatusReply:
-    with grpc.insecure_channel(address) as channel:
+def fleet_status(address: str, timeout: float = 5.0, root_certificates: Path | None = None) -> edge_pb2.FleetStatusReply:
+    with open_channel(address, root_certificates) as channel:
         reply: edge_pb2.FleetStatusReply = edge_pb2_grpc.RegistryAdminStub(channel).FleetStatus(
             edge_pb2.FleetStatusRequest(), timeout=timeout)
     return reply

@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from fedge.grpc_tls import add_port
 from fedge.protos import edge_pb2, edge_pb2_grpc
 from google.protobuf.json_format import MessageToDict
 
@@ -239,12 +240,16 @@ def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:64] or "unknown"
 
 
-def start(registry: Registry, host: str = "127.0.0.1", port: int = 0, workers: int = 32) -> tuple[grpc.Server, int]:
-    """Start serving in background threads; returns the server and the bound port (port 0 picks a free one)."""
+def start(registry: Registry, host: str = "127.0.0.1", port: int = 0, workers: int = 32,
+          tls_certificate: Path | None = None, tls_key: Path | None = None) -> tuple[grpc.Server, int]:
+    """Start serving in background threads; returns the server and the bound port (port 0 picks a free one).
+
+    With a certificate and key the port serves TLS only.
+    """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="registry"))
     edge_pb2_grpc.add_EdgeRegistryServicer_to_server(registry, server)
     edge_pb2_grpc.add_RegistryAdminServicer_to_server(registry, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, f"{host}:{port}", tls_certificate, tls_key)
     if bound == 0:
         raise RuntimeError(f"could not bind the registry to {host}:{port}")
     server.start()
@@ -252,7 +257,8 @@ def start(registry: Registry, host: str = "127.0.0.1", port: int = 0, workers: i
 
 
 def serve(workdir: str | Path, host: str = "127.0.0.1", port: int = 0, key_path: str | Path | None = None,
-          publish_token: str | None = None, publish: str | Path | None = None, workers: int = 64) -> None:
+          publish_token: str | None = None, publish: str | Path | None = None, workers: int = 64,
+          tls_certificate: Path | None = None, tls_key: Path | None = None) -> None:
     """Run a registry until SIGINT/SIGTERM (`fedge registry serve`).
 
     The publish token comes from the argument or `FEDGE_PUBLISH_TOKEN`; an
@@ -266,7 +272,7 @@ def serve(workdir: str | Path, host: str = "127.0.0.1", port: int = 0, key_path:
         registry.publish(Path(publish).read_bytes(), {"source": str(publish)})
     public_path = registry.workdir / "registry.pub.pem"
     public_path.write_bytes(registry.public_key_pem)
-    server, bound = start(registry, host, port, workers)
+    server, bound = start(registry, host, port, workers, tls_certificate, tls_key)
     print(f"PUBLIC_KEY {public_path}", flush=True)
     print(f"REGISTRY {host}:{bound}", flush=True)
     done = threading.Event()
@@ -284,8 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--key", default=None, help="Ed25519 private key PEM (created if missing)")
     parser.add_argument("--publish", default=None, help="ONNX file to publish as the first version")
+    parser.add_argument("--tls-certificate", type=Path, default=None, help="PEM certificate chain: serve TLS only")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-certificate")
     args = parser.parse_args(argv)
-    serve(args.workdir, args.host, args.port, args.key, publish=args.publish)
+    serve(args.workdir, args.host, args.port, args.key, publish=args.publish, tls_certificate=args.tls_certificate,
+          tls_key=args.tls_key)
     return 0
 
 

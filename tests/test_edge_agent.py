@@ -14,6 +14,7 @@ from fedge.protos import edge_pb2
 from fedge.server.registry import Registry, start
 
 from fedge.artifacts import generate_key, make_manifest, sign_manifest
+from fedge.certs import create_credentials
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,20 @@ def test_agents_receive_and_serve_a_deployment(tmp_path: Path, registry, models)
     finally:
         for agent in agents:
             agent.stop()
+
+
+def test_an_agent_receives_a_deployment_over_tls(tmp_path: Path, models) -> None:  # type: ignore[no-untyped-def]
+    creds = create_credentials(tmp_path / "certs", nodes=0)
+    reg = Registry(tmp_path / "registry")
+    server, port = start(reg, "127.0.0.1", 0, workers=8, tls_certificate=creds.server_cert, tls_key=creds.server_key)
+    agent = make_agent(tmp_path, f"localhost:{port}", reg, root_certificates=creds.ca_cert)  # type: ignore[arg-type]
+    try:
+        reg.publish(models["v1"])
+        wait_until(lambda: agent.serving_version == 1, what="v1 to serve over TLS")
+    finally:
+        agent.stop()
+        reg.stop()
+        server.stop(grace=0.5).wait()
 
 
 def test_tampered_and_wrongly_signed_artifacts_are_refused(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]

@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from fedge.artifacts import load_public_key, verify_artifact, verify_manifest
+from fedge.certs import create_credentials
 from fedge.deploy import fleet_status, publish
 from fedge.protos import edge_pb2, edge_pb2_grpc
 from fedge.server.registry import Registry, start
@@ -59,3 +60,25 @@ def test_fetch_streams_chunks_from_the_offset_and_the_notice_verifies(running) -
     manifest = verify_manifest(notice.manifest, notice.signature, load_public_key(reg.public_key_pem))
     verify_artifact(data, manifest)
     assert manifest.metadata == {"note": "x"} and reg.fetch_log[0] == ("d", version, 1000)
+
+
+def test_a_tls_registry_serves_only_clients_that_trust_its_ca(tmp_path: Path) -> None:
+    """The publish token and the artifacts travel over TLS; plaintext and strange-CA clients get nothing."""
+    creds = create_credentials(tmp_path / "certs", nodes=0)
+    reg = Registry(tmp_path / "registry", publish_token="s3cret")
+    server, port = start(reg, "127.0.0.1", 0, workers=8, tls_certificate=creds.server_cert, tls_key=creds.server_key)
+    address = f"127.0.0.1:{port}"
+    try:
+        assert publish(address, "s3cret", b"m" * 1000, root_certificates=creds.ca_cert).version == 1
+        assert fleet_status(address, root_certificates=creds.ca_cert).latest_version == 1
+        with pytest.raises(grpc.RpcError) as err:
+            fleet_status(address, timeout=3)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        stranger = create_credentials(tmp_path / "other", nodes=0)
+        with pytest.raises(grpc.RpcError) as err:
+            publish(address, "s3cret", b"x", timeout=3, root_certificates=stranger.ca_cert)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert reg.latest_version == 1
+    finally:
+        reg.stop()
+        server.stop(grace=0.5).wait()
