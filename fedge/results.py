@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -76,6 +77,30 @@ def record_method(
     return write_results(out_dir, results)
 
 
+@dataclass
+class PlotSeries:
+    method: str
+    label: str
+    uplink_mb: list[float]
+    accuracy: list[float]
+    personalized: bool = False
+
+
+def accuracy_series(results: dict[str, Any]) -> list[PlotSeries]:
+    """Per method: accuracy against cumulative uplink, from the base model on; a personalized method also
+    gets its personalized accuracy (where it differs from the global model's)."""
+    start = results.get("base", {}).get("accuracy", float("nan"))
+    series = []
+    for name, entry in results.get("methods", {}).items():
+        rounds = entry.get("rounds", [])
+        xs = [0.0, *(b / 1e6 for b in itertools.accumulate(r["uplink_bytes"] for r in rounds))]
+        series.append(PlotSeries(name, name, xs, [start, *(r["accuracy"] for r in rounds)]))
+        personal = [r.get("personalized_accuracy", r["accuracy"]) for r in rounds]
+        if any(p != r["accuracy"] for p, r in zip(personal, rounds, strict=True)):
+            series.append(PlotSeries(name, f"{name} (personalized)", xs, [start, *personal], personalized=True))
+    return series
+
+
 def plot_accuracy_vs_uplink(results: dict[str, Any], path: str | Path) -> Path:
     import matplotlib
 
@@ -83,21 +108,23 @@ def plot_accuracy_vs_uplink(results: dict[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, entry in results.get("methods", {}).items():
-        rounds = entry.get("rounds", [])
-        cumulative, xs, ys = 0, [0.0], [results.get("base", {}).get("accuracy", float("nan"))]
-        for r in rounds:
-            cumulative += r["uplink_bytes"]
-            xs.append(cumulative / 1e6)
-            ys.append(r["accuracy"])
-        ax.plot(xs, ys, marker="o", label=name)
+    series = accuracy_series(results)
+    colors: dict[str, str] = {}
+    for line in series:  # a personalized line takes its method's colour, dashed
+        if line.personalized:
+            ax.plot(line.uplink_mb, line.accuracy, marker="s", linestyle="--", color=colors.get(line.method),
+                    label=line.label)
+        else:
+            (drawn,) = ax.plot(line.uplink_mb, line.accuracy, marker="o", label=line.label)
+            colors[line.method] = drawn.get_color()
+    personalized_methods = any(line.personalized for line in series)
     base = results.get("base", {}).get("accuracy")
     if base is not None:
         ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="base model")
     ax.set_xscale("symlog", linthresh=0.01)
     ax.set_xlim(left=0)
     ax.set_xlabel("cumulative uplink (MB, wire bytes)")
-    ax.set_ylabel("global accuracy (target domain)")
+    ax.set_ylabel("accuracy (target domain)" if personalized_methods else "global accuracy (target domain)")
     ax.set_title(f"{results.get('scenario', {}).get('name', '')}: accuracy vs uplink")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -48,3 +48,18 @@ def test_fedavg_weighted_mean_matches_flower():
     records = [RecordDict({"arrays": to_record(s), "metrics": MetricRecord({"num-examples": n})}) for s, n in ((a, 1), (b, 2))]
     agg = from_record(aggregate_arrayrecords(records, "num-examples"))
     np.testing.assert_allclose(agg["w"], np.full(3, 3.0))
+
+
+def test_plot_series_add_personalized_accuracy_only_where_it_differs(tmp_path):
+    from fedge.results import accuracy_series, plot_accuracy_vs_uplink
+
+    rounds = lambda accs, pers: [{"uplink_bytes": 2_000_000, "accuracy": a, "personalized_accuracy": p}
+                                 for a, p in zip(accs, pers)]
+    results = {"base": {"accuracy": 0.3}, "methods": {
+        "lora-fedavg": {"rounds": rounds([0.5, 0.7], [0.5, 0.7])},
+        "pfedgate": {"rounds": rounds([0.4, 0.6], [0.8, 0.9])},
+    }}
+    series = accuracy_series(results)
+    assert [s.label for s in series] == ["lora-fedavg", "pfedgate", "pfedgate (personalized)"]
+    assert series[2].uplink_mb == [0.0, 2.0, 4.0] and series[2].accuracy == [0.3, 0.8, 0.9]
+    assert plot_accuracy_vs_uplink(results, tmp_path / "plot.png").stat().st_size > 0
