@@ -122,6 +122,12 @@ def run(
     write_results(out, results)
     plot = plot_accuracy_vs_uplink(results, out / PLOT_FILE)
     console.print(_final_table(results))
+    for name, entry in results.get("methods", {}).items():
+        share = entry.get("uplink", {}).get("budget_weighted_dense_bytes")
+        if share:  # sparsity budgets: what the method sent against what its budgets allow of a dense upload
+            sent = entry["uplink"]["bytes"]
+            console.print(f"{name}: uplink {sent / 1e6:.1f} MB = {sent / share:.3f} of its budget-weighted dense share "
+                          f"({share / 1e6:.1f} MB)")
     console.print(f"wrote {results_path} and {plot}")
 
 
