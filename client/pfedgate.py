@@ -127,4 +127,3 @@ def evaluate_pfedgate(job: Job, msg: Message, context: Context) -> Message:
     })}), reply_to=msg)
     assert_gate_absent(reply, gate_state(gated.gate))
     return reply
-

@@ -12,6 +12,7 @@ from fedge.client.job import _partition, node_data
 from fedge.profiles import sparsity_budget
 from fedge.runconfig import RunSettings
 
+
 def profile_reply(msg: Message, context: Context) -> Message:
     settings = RunSettings.from_config(dict(msg.content.config_records.get("config", ConfigRecord())))
     pid, num = _partition(context)

@@ -35,6 +35,7 @@ from fedge.artifacts import (
     verify_manifest,
     verify_model,
 )
+from fedge.atomic_file import atomic_write
 from fedge.edge.runtime import Model, choose_runtime, load_model
 from fedge.grpc_tls import open_channel
 from fedge.protos import edge_pb2, edge_pb2_grpc
@@ -95,9 +96,13 @@ class _Window:
     entropy_sum: float = 0.0
 
 
-def _entropy(logits: np.ndarray) -> np.ndarray:
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def _entropy(logits: np.ndarray) -> np.ndarray:
+    logp = _log_softmax(logits)
     return -(np.exp(logp) * logp).sum(axis=1)
 
 
@@ -142,7 +147,7 @@ class EdgeAgent:
 
     def _refuse(self, key: str) -> None:
         self._refused.add(key)
-        _atomic_write(self.workdir / "refused.txt", "".join(f"{k}\n" for k in sorted(self._refused)).encode())
+        atomic_write(self.workdir / "refused.txt", "".join(f"{k}\n" for k in sorted(self._refused)).encode())
 
     def _prune(self) -> None:
         """Keep only the serving and the last good model on disk."""
@@ -185,7 +190,7 @@ class EdgeAgent:
                 f.unlink()
             d.rmdir()
         os.replace(tmp, d)
-        _atomic_write(self.workdir / "current", f"{manifest.version}\n".encode())
+        atomic_write(self.workdir / "current", f"{manifest.version}\n".encode())
 
     # ---- serving -----------------------------------------------------------------------------------
 
@@ -217,7 +222,7 @@ class EdgeAgent:
         self._served, self._last_good = good, None
         with self._window_lock:
             self._window = _Window(version=good.version)
-        _atomic_write(self.workdir / "current", f"{good.version}\n".encode())
+        atomic_write(self.workdir / "current", f"{good.version}\n".encode())
         self.rejected[failed.version] = reason
         self._refuse(_manifest_key(failed.manifest))
         self._event(failed.version, "rolled_back", reason)
@@ -429,9 +434,9 @@ class EdgeAgent:
     def upload_samples(self, x: np.ndarray, y: np.ndarray | None = None) -> int:
         """Send inputs with the serving model's probabilities and entropy up (for cloud-side adaptation)."""
         logits, version = self.predict(x)
-        z = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-        entropy = _entropy(logits)
+        logp = _log_softmax(logits)
+        probs = np.exp(logp)
+        entropy = -(probs * logp).sum(axis=1)
         batch = edge_pb2.SampleBatch(device_id=self.config.device_id, serving_version=version)
         for i in range(len(x)):
             xi = np.ascontiguousarray(x[i], dtype=np.float32)
@@ -534,12 +539,6 @@ def _refusal(err: Exception) -> str:
     if isinstance(err, ArtifactError):
         return f"artifact refused: {err}"
     return f"could not load: {type(err).__name__}: {err}"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def main(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from fedge.atomic_file import atomic_write
 
 FORMAT_VERSION = 1
 MANIFEST = "checkpoint.json"
@@ -74,15 +75,6 @@ def checkpoint_dir(root: str | Path, method: str, digest: str) -> Path:
     return Path(root) / f"{method}-{digest}"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _encode(obj: Any, path: str, arrays: dict[str, np.ndarray]) -> Any:
     """JSON skeleton of a nested state; arrays and tensors go to `arrays` under their path."""
     if isinstance(obj, np.ndarray):
@@ -130,7 +122,7 @@ def save_checkpoint(folder: str | Path, ckpt: Checkpoint) -> Path:
         strategy_skeleton = _encode(ckpt.strategy_state, "state", strategy_arrays)
         tensors.update({STRATEGY_PREFIX + k: v for k, v in strategy_arrays.items()})
     arrays_name = f"round-{ckpt.server_round:04d}.safetensors"
-    _atomic_write(folder / arrays_name, save(tensors))
+    atomic_write(folder / arrays_name, save(tensors))
     manifest = {
         "format": FORMAT_VERSION,
         "method": ckpt.method,
@@ -144,7 +136,7 @@ def save_checkpoint(folder: str | Path, ckpt: Checkpoint) -> Path:
         "base": ckpt.base,
         "fleet": ckpt.fleet,
     }
-    _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
     for old in folder.glob("round-*.safetensors"):
         if old.name != arrays_name:
             old.unlink(missing_ok=True)

@@ -26,9 +26,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedge.artifacts import WEIGHTS_FORMAT, sha256_hex
+from fedge.grpc_tls import open_channel
 from fedge.onnx_export import export_model
 from fedge.onnx_weights import changed_initializers, encode_weights
-from fedge.grpc_tls import open_channel
 from fedge.protos import edge_pb2, edge_pb2_grpc
 
 TOKEN_HEADER = "x-fedge-token"

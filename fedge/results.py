@@ -5,11 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fedge.atomic_file import atomic_write
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "accuracy_vs_uplink.png"
@@ -60,9 +61,7 @@ def load_results(out_dir: str | Path) -> dict[str, Any]:
 def write_results(out_dir: str | Path, results: dict[str, Any]) -> Path:
     path = Path(out_dir) / RESULTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(results, indent=2).encode())
     return path
 
 

@@ -56,7 +56,7 @@ class RunSettings:
     fault_partitions: str = ""
     fault_kind: str = "corrupt"
     # ---- pFedGate ----
-    gate_splits: int = 16  # contiguous blocks per shared tensor
+    gate_splits: int = 16  # blocks of whole rows per shared tensor
     gate_lr: float = 0.05
     gate_prior: float = 2.0  # initial gate logits fall from 0 to -gate_prior along each tensor's blocks (nested sparse models)
     budgets: str = ""  # per-tier sparsity budgets "strong,mid,weak", e.g. "1.0,0.5,0.3"; empty: the device profiles'

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.app.typing import MetricRecordValues
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -28,6 +27,7 @@ from fedge.results import ClientEval, FleetAccuracy, fleet_accuracy, record_meth
 from fedge.runconfig import RunSettings
 from fedge.scenario import load_scenario
 from fedge.server.checkpoints import RunCheckpoints
+from fedge.server.metrics import scalar
 from fedge.server.nodes import connected_view, in_partition_order, required_replies, wait_for_nodes
 from fedge.server.strategies import build_strategy
 from fedge.state import from_record, to_record
@@ -60,13 +60,6 @@ class TrainRound:
     attempts: int
     uplink: int
     downlink: int
-
-
-def scalar(value: MetricRecordValues) -> float:
-    """A metric that must be one number (MetricRecord values may also be lists)."""
-    if isinstance(value, list):
-        raise TypeError(f"expected a number, got a list of {len(value)}")
-    return float(value)
 
 
 def evaluate_fleet(strategy: Strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,

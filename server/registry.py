@@ -26,8 +26,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-from fedge.grpc_tls import add_port
-from fedge.protos import edge_pb2, edge_pb2_grpc
 from google.protobuf.json_format import MessageToDict
 
 from fedge.artifacts import (
@@ -38,6 +36,8 @@ from fedge.artifacts import (
     public_pem,
     sign_manifest,
 )
+from fedge.grpc_tls import add_port
+from fedge.protos import edge_pb2, edge_pb2_grpc
 
 log = logging.getLogger("fedge.registry")
 

@@ -9,8 +9,8 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedge.methods import Method
 from fedge.runconfig import RunSettings
-from fedge.server.strategy_compressed import CompressedFedAvg
 from fedge.server.strategy_blockavg import BlockAvgStrategy
+from fedge.server.strategy_compressed import CompressedFedAvg
 from fedge.server.strategy_fedit import FedITStrategy
 from fedge.server.strategy_flasc import FlascStrategy
 

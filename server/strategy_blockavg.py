@@ -24,22 +24,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedge.blocks import (BLOCK_MASK, BLOCK_VALUES, NOVEL_PHASE, PHASE_KEY, UPLOAD_RECORD, BlockLayout, BlockUpload,
-                          block_average)
+from fedge.blocks import (
+    BLOCK_MASK,
+    BLOCK_VALUES,
+    NOVEL_PHASE,
+    PHASE_KEY,
+    UPLOAD_RECORD,
+    BlockLayout,
+    BlockUpload,
+    block_average,
+)
 from fedge.profiles import PROFILE_QUERY
 from fedge.results import ClientEval, fleet_accuracy
+from fedge.server.metrics import scalar
 from fedge.state import from_record, to_record
 from fedge.wire import message_wire_bytes, record_wire_bytes, total_wire_bytes
 
 log = logging.getLogger("fedge.server")
-
-
-def scalar(metrics: MetricRecord, key: str) -> float:
-    """A numeric metric (MetricRecord values may also be lists)."""
-    value = metrics[key]
-    if isinstance(value, list):
-        raise ValueError(f"metric {key} is a list, expected a number")
-    return float(value)
 
 
 def decode_upload(layout: BlockLayout, reply: Message) -> BlockUpload:
@@ -47,9 +48,11 @@ def decode_upload(layout: BlockLayout, reply: Message) -> BlockUpload:
     try:
         record = reply.content.array_records[UPLOAD_RECORD]
         values, bits = record[BLOCK_VALUES].numpy(), record[BLOCK_MASK].numpy()
-        weight = scalar(reply.content.metric_records["metrics"], "num-examples")
+        weight = scalar(reply.content.metric_records["metrics"]["num-examples"])
     except KeyError as err:
         raise ValueError(f"block upload lacks {err}") from err
+    except TypeError as err:
+        raise ValueError(f"block upload's num-examples: {err}") from err
     mask, blocks = layout.unpack(values, bits)
     if not np.isfinite(values).all() or not weight > 0:
         raise ValueError("block upload has non-finite values or no examples")
@@ -129,9 +132,9 @@ class BlockAvgStrategy(FedAvg):
             dense = actual - record_wire_bytes(reply.content.array_records[UPLOAD_RECORD]) + dense_record
             sent_bytes += actual
             dense_bytes += dense
-            budget_bytes += scalar(m, "sparsity-budget") * dense
-            losses.append((scalar(m, "train-loss"), upload.weight))
-            kept.append(scalar(m, "kept-fraction"))
+            budget_bytes += scalar(m["sparsity-budget"]) * dense
+            losses.append((scalar(m["train-loss"]), upload.weight))
+            kept.append(scalar(m["kept-fraction"]))
         if not uploads:
             return None, None
         self._previous = block_average(self.layout, self._previous, uploads)
@@ -164,14 +167,14 @@ class BlockAvgStrategy(FedAvg):
                 continue
             m = reply.content.metric_records["metrics"]
             novel_clients.append({
-                "partition_id": int(scalar(m, "partition-id")),
+                "partition_id": int(scalar(m["partition-id"])),
                 "tier": profiles[reply.metadata.src_node_id]["tier"],
-                "sparsity_budget": scalar(m, "sparsity-budget"),
-                "kept_fraction": scalar(m, "kept-fraction"),
-                "accuracy_global_model": scalar(m, "accuracy-global"),
-                "accuracy_before": scalar(m, "accuracy-before"),
-                "accuracy_after": scalar(m, "accuracy-after"),
-                "test_examples": int(scalar(m, "test-examples")),
+                "sparsity_budget": scalar(m["sparsity-budget"]),
+                "kept_fraction": scalar(m["kept-fraction"]),
+                "accuracy_global_model": scalar(m["accuracy-global"]),
+                "accuracy_before": scalar(m["accuracy-before"]),
+                "accuracy_after": scalar(m["accuracy-after"]),
+                "test_examples": int(scalar(m["test-examples"])),
                 "uplink_bytes": message_wire_bytes(reply),
             })
         clients, evals = self._final_evaluation(grid, arrays, config)
@@ -197,16 +200,16 @@ class BlockAvgStrategy(FedAvg):
                 continue
             m = reply.content.metric_records["metrics"]
             node = reply.metadata.src_node_id
-            evals.append(ClientEval(int(scalar(m, "partition-id")), int(scalar(m, "num-examples")), int(scalar(m, "correct")),
-                                    int(scalar(m, "personal-correct"))))
+            evals.append(ClientEval(int(scalar(m["partition-id"])), int(scalar(m["num-examples"])), int(scalar(m["correct"])),
+                                    int(scalar(m["personal-correct"]))))
             clients.append({
-                "partition_id": int(scalar(m, "partition-id")),
+                "partition_id": int(scalar(m["partition-id"])),
                 "role": "novel" if node in self.profiles and self.is_novel(node) else "federated",
                 "tier": self.profiles.get(node, {}).get("tier", "?"),
-                "sparsity_budget": scalar(m, "sparsity-budget"),
-                "kept_fraction": scalar(m, "kept-fraction") if "kept-fraction" in m else 0.0,
-                "test_examples": int(scalar(m, "num-examples")),
-                "accuracy": scalar(m, "accuracy"),
-                "personal_accuracy": scalar(m, "personal-accuracy"),
+                "sparsity_budget": scalar(m["sparsity-budget"]),
+                "kept_fraction": scalar(m["kept-fraction"]) if "kept-fraction" in m else 0.0,
+                "test_examples": int(scalar(m["num-examples"])),
+                "accuracy": scalar(m["accuracy"]),
+                "personal_accuracy": scalar(m["personal-accuracy"]),
             })
         return sorted(clients, key=lambda c: c["partition_id"]), evals

@@ -26,7 +26,7 @@ log = logging.getLogger("fedge.server")
 
 
 class CompressedFedAvg(FedAvg):
-    def __init__(self, *, max_update_bytes: int, **sampling: float | int) -> None:
+    def __init__(self, *, max_update_bytes: int, **sampling: float) -> None:
         super().__init__(**sampling)  # type: ignore[arg-type]
         self.max_update_bytes = max_update_bytes
         self._current: OrderedDict[str, np.ndarray] | None = None

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from fedge.server.strategy_compressed import CompressedFedAvg
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedge.server.strategy_compressed import CompressedFedAvg
 from fedge.sparse_download import DOWNLOAD_RECORD, decode_download, encode_download
 from fedge.update_record import envelope_record
 

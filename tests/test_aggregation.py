@@ -38,8 +38,8 @@ def test_fleet_accuracy_arithmetic():
 
 def test_fedavg_weighted_mean_matches_flower():
     """The stock strategy the baselines use averages by num-examples; check its arithmetic on our records."""
-    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
     from flwr.app import MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
     from fedge.state import from_record, to_record
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _edge_support import base_onnx, onnx_variant, target_data, to_npz, wait_until
-from fedge.edge.agent import AgentConfig, EdgeAgent
-from fedge.protos import edge_pb2
-from fedge.server.registry import Registry, start
 
 from fedge.artifacts import generate_key, make_manifest, sign_manifest
 from fedge.certs import create_credentials
+from fedge.edge.agent import AgentConfig, EdgeAgent
+from fedge.protos import edge_pb2
+from fedge.server.registry import Registry, start
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,12 @@ def make_agent(tmp_path: Path, address: str, reg: Registry, name: str = "cam-0",
     agent = EdgeAgent(config)
     agent.start()
     return agent
+
+
+def serve_first(reg: Registry, agent: EdgeAgent, model: bytes) -> None:
+    """Publish `model` as v1 and wait until `agent` serves it."""
+    reg.publish(model)
+    wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
 
 
 def events(reg: Registry) -> list[dict]:
@@ -79,8 +85,7 @@ def test_an_agent_receives_a_deployment_over_tls(tmp_path: Path, models) -> None
     server, port = start(reg, "127.0.0.1", 0, workers=8, tls_certificate=creds.server_cert, tls_key=creds.server_key)
     agent = make_agent(tmp_path, f"localhost:{port}", reg, root_certificates=creds.ca_cert)  # type: ignore[arg-type]
     try:
-        reg.publish(models["v1"])
-        wait_until(lambda: agent.serving_version == 1, what="v1 to serve over TLS")
+        serve_first(reg, agent, models["v1"])
     finally:
         agent.stop()
         reg.stop()
@@ -91,8 +96,7 @@ def test_tampered_and_wrongly_signed_artifacts_are_refused(tmp_path: Path, regis
     reg, address = registry
     agent = make_agent(tmp_path, address, reg)
     try:
-        reg.publish(models["v1"])
-        wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
+        serve_first(reg, agent, models["v1"])
         x = target_data().tensors[0][:8].numpy()
         before, _ = agent.predict(x)
 
@@ -133,8 +137,7 @@ def test_a_model_that_fails_its_canary_is_not_served(tmp_path: Path, registry, m
     reg, address = registry
     agent = make_agent(tmp_path, address, reg)
     try:
-        reg.publish(models["v1"])
-        wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
+        serve_first(reg, agent, models["v1"])
         reg.publish(models["collapsed"])
         wait_until(lambda: 2 in agent.rejected, what="collapsed v2 to fail its canary")
         assert "canary" in agent.rejected[2] and "collapsed" in agent.rejected[2]
@@ -149,8 +152,7 @@ def test_live_failure_rolls_back_to_the_last_good_model(tmp_path: Path, registry
     reg, address = registry
     agent = make_agent(tmp_path, address, reg)
     try:
-        reg.publish(models["v1"])
-        wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
+        serve_first(reg, agent, models["v1"])
         reg.publish(models["v2"])
         wait_until(lambda: agent.serving_version == 2, what="v2 to serve")
 
@@ -183,8 +185,7 @@ def test_live_failure_rolls_back_to_the_last_good_model(tmp_path: Path, registry
 def test_agent_restarts_on_its_last_verified_model(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
     reg, address = registry
     agent = make_agent(tmp_path, address, reg)
-    reg.publish(models["v1"])
-    wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
+    serve_first(reg, agent, models["v1"])
     agent.stop()
     again = make_agent(tmp_path, "127.0.0.1:1", reg)  # registry unreachable: serve from disk
     try:
@@ -201,8 +202,7 @@ def test_weight_only_update_is_applied_and_checked_against_its_signed_target(tmp
     reg, address = registry
     agent = make_agent(tmp_path, address, reg)
     try:
-        reg.publish(models["v1"])
-        wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
+        serve_first(reg, agent, models["v1"])
         payload = encode_weights(changed_initializers(models["v1"], models["v2"]))
         good = {"base_version": 1, "base_sha256": sha256_hex(models["v1"]), "target_sha256": sha256_hex(models["v2"])}
         reg.publish(payload, {**good, "target_sha256": "0" * 64}, fmt=WEIGHTS_FORMAT)  # v2: target does not match
@@ -219,8 +219,7 @@ def test_uploaded_samples_are_stored_with_their_predictions(tmp_path: Path, regi
     reg, address = registry
     agent = make_agent(tmp_path, address, reg)
     try:
-        reg.publish(models["v1"])
-        wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
+        serve_first(reg, agent, models["v1"])
         data = target_data()
         x, y = data.tensors[0][:3].numpy(), data.tensors[1][:3].numpy()
         assert agent.upload_samples(x, y) == 3

@@ -6,14 +6,13 @@ import copy
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 import pytest
 import torch
 from _edge_support import seeded_model, target_data, trained_model
+from onnx import numpy_helper
 from peft import LoraConfig, get_peft_model
 
 from fedge.models import LORA_TARGETS
-from fedge.scenario import load_scenario
 from fedge.onnx_export import accuracy, export_model, quantize_int8_dynamic, run_onnx, to_onnx
 from fedge.onnx_weights import (
     WeightUpdateError,
@@ -22,6 +21,7 @@ from fedge.onnx_weights import (
     decode_weights,
     encode_weights,
 )
+from fedge.scenario import load_scenario
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from _edge_support import base_onnx, target_data, to_npz, trained_model, wait_until
-from fedge.server.registry import Registry, start
-from fedge.training import evaluate
 
 from fedge.deploy import deploy_to_edge
+from fedge.server.registry import Registry, start
+from fedge.training import evaluate
 
 pytestmark = pytest.mark.slow
 

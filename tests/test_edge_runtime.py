@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from _edge_support import base_onnx, onnx_variant, target_data
+
 from fedge.edge import tensorrt_engine
 from fedge.edge.runtime import OnnxRuntimeModel, choose_runtime, load_model
 

@@ -3,8 +3,8 @@
 from collections import OrderedDict
 
 import numpy as np
-from fedge.server.strategy_flasc import FLASC_SGD_LR, FlascStrategy
 
+from fedge.server.strategy_flasc import FLASC_SGD_LR, FlascStrategy
 from fedge.sparse_download import decode_download
 
 

@@ -9,7 +9,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedge.blocks import BLOCK_MASK, BLOCK_VALUES, NOVEL_PHASE, PHASE_KEY, UPLOAD_RECORD, BlockLayout, BlockUpload, block_average
+from fedge.blocks import (
+    BLOCK_MASK,
+    BLOCK_VALUES,
+    NOVEL_PHASE,
+    PHASE_KEY,
+    UPLOAD_RECORD,
+    BlockLayout,
+    BlockUpload,
+    block_average,
+)
 from fedge.client.job import Job
 from fedge.client.pfedgate import GATE_STATE, assert_gate_absent, evaluate_pfedgate, train_pfedgate
 from fedge.federated_model import exchanged_state

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from fedge.client.codec import RESIDUAL_KEY, train_codec
-from fedge.client.job import Job
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedge.adapters import inject_lora
+from fedge.client.codec import RESIDUAL_KEY, train_codec
+from fedge.client.job import Job
 from fedge.federated_model import exchanged_state
 from fedge.methods import get_method
 from fedge.profiles import TIERS

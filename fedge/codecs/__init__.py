@@ -7,8 +7,8 @@ sets each section's coded size beside its Shannon bound.
 """
 
 from fedge.codecs.base import Codec, CodecError, Encoded, Section, TensorSpec, specs_of
-from fedge.codecs.registry import available_codecs, build_codec, codec_defaults, known_codecs
+from fedge.codecs.registry import available_codecs, build_codec, known_codecs
 from fedge.codecs.report import entropy_report
 
 __all__ = ["Codec", "CodecError", "Encoded", "Section", "TensorSpec", "available_codecs", "build_codec",
-           "codec_defaults", "entropy_report", "known_codecs", "specs_of"]
+           "entropy_report", "known_codecs", "specs_of"]

@@ -17,7 +17,6 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-
 #: dtypes an update tensor may have on the wire (decoded arrays come back in this dtype).
 SUPPORTED_DTYPES = ("float32", "float16", "float64")
 

@@ -40,8 +40,3 @@ def build_codec(name: str, **params: object) -> Codec:
         return factory(**params)
     except TypeError as err:
         raise ValueError(f"bad parameters for codec {name!r}: {err}") from err
-
-
-def codec_defaults(name: str) -> dict[str, str]:
-    """A codec's parameters with their defaults, as the envelope would carry them."""
-    return build_codec(name).params()

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 
-
 _SAMPLE = 4096  # strided sample that brackets the k-th largest value
 
 
