@@ -1,52 +1,34 @@
-"""What a client needs to act on one server message: settings, method, its data, the model loaded with the global state."""
+"""One message's job on a node: the run resolved from the server's config, this node's data, and the
+model loaded with the global state the message carries."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message
-from torch import nn
 
-from fedge.device import resolve_device
-from fedge.federated_model import build_federated_model, exchanged_state, load_exchanged_state
-from fedge.methods import Method, get_method
-from fedge.node_data import load_node_data, tier_profile
-from fedge.profiles import tier_for
-from fedge.runconfig import RunSettings
-from fedge.scenario import ClientData, Scenario, load_scenario
-from fedge.sparse_download import DOWNLOAD_RECORD, decode_download
-from fedge.state import from_record
-from fedge.update_record import envelope_bytes
+from fedge.client.node_data import load_node_data, node_tier
+from fedge.messages import CONFIG_RECORD, SERVER_ROUND_KEY
+from fedge.methods import Job, RunSpec, resolve
+from fedge.scenario import ClientData, load_scenario
+from fedge.settings import RunSettings
+from fedge.tiers import tier_for
+from fedge.training import resolve_device
 
 
-@dataclass
-class Job:
-    settings: RunSettings
-    method: Method
-    partition_id: int
-    data: ClientData
-    scenario: Scenario
-    model: nn.Module
-    global_state: dict[str, np.ndarray]
-    server_round: int
-    device: torch.device
-
-    @property
-    def seed(self) -> int:
-        """Distinct per run, round and client, reproducible across reruns."""
-        return self.settings.seed * 100_003 + self.server_round * 1_009 + self.partition_id
-
-
-def _partition(context: Context) -> tuple[int, int]:
+def partition(context: Context) -> tuple[int, int]:
+    """This node's (partition-id, num-partitions) from its node config."""
     try:
         return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     except KeyError as err:
         raise ValueError("node config must set partition-id and num-partitions") from err
+
+
+def run_spec(msg: Message) -> RunSpec:
+    return resolve(dict(msg.content.config_records.get(CONFIG_RECORD, ConfigRecord())))
 
 
 @lru_cache(maxsize=4)
@@ -59,31 +41,26 @@ def node_data(context: Context, settings: RunSettings) -> ClientData:
 
     A node with its own data takes its tier from node config `tier` (default: the partition's).
     """
-    pid, num = _partition(context)
+    pid, num = partition(context)
     options = settings.scenario_options()
     path = context.node_config.get("data-path")
     if not path:
         return _client_data(settings.scenario, tuple(sorted(options.items())), pid, num)
     scenario = load_scenario(settings.scenario, **options)
-    tier = context.node_config.get("tier")
-    profile = tier_profile(str(tier)) if tier else tier_for(pid)
-    return load_node_data(Path(str(path)), profile, tuple(scenario.sample_shape), scenario.num_classes)
+    name = context.node_config.get("tier")
+    tier = node_tier(str(name)) if name else tier_for(pid)
+    return load_node_data(Path(str(path)), tier, tuple(scenario.sample_shape), scenario.num_classes)
 
 
 def prepare_job(msg: Message, context: Context) -> Job:
-    config = msg.content.config_records.get("config", ConfigRecord())
-    settings = RunSettings.from_config(dict(config))
+    spec = run_spec(msg)
+    settings, method = spec.settings, spec.method
     torch.set_num_threads(max(1, settings.client_threads))
-    method = get_method(settings.method)
-    pid, _ = _partition(context)
+    pid, _ = partition(context)
     scenario = load_scenario(settings.scenario, **settings.scenario_options())
     data = node_data(context, settings)
-    model = build_federated_model(scenario, method, settings)
-    if DOWNLOAD_RECORD in msg.content.array_records:  # sparse download: init + the top changes
-        envelope = envelope_bytes(msg.content, DOWNLOAD_RECORD)
-        global_state = decode_download(envelope, exchanged_state(model, method), settings.max_update_bytes)
-    else:
-        global_state = from_record(msg.content.array_records["arrays"])
-    load_exchanged_state(model, method, global_state)
-    return Job(settings, method, pid, data, scenario, model, global_state, int(config.get("server-round", 0)),
-               resolve_device(settings.device))
+    model = method.build_model(scenario, settings)
+    global_state = method.receive(msg, method.exchanged_state(model), spec)
+    method.load_state(model, global_state)
+    server_round = int(msg.content.config_records.get(CONFIG_RECORD, ConfigRecord()).get(SERVER_ROUND_KEY, 0))
+    return Job(spec, pid, data, scenario, model, global_state, server_round, resolve_device(settings.device))

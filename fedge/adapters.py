@@ -40,13 +40,3 @@ def freeze_lora_a(model: PeftModel) -> None:
     for name, param in model.named_parameters():
         if "lora_A" in name:
             param.requires_grad_(False)
-
-
-def merged_copy(model: nn.Module) -> nn.Module:
-    """An fp32 plain model with the adapters folded into the base weights (for export/serving)."""
-    import copy
-
-    clone = copy.deepcopy(model)
-    if isinstance(clone, PeftModel):
-        clone = clone.merge_and_unload()
-    return clone.float().eval()

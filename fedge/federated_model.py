@@ -1,49 +1,56 @@
-"""The model a method federates, and the part of it that travels.
+"""The model a method federates, the part of it that travels, and the one merge into a plain model.
 
 Server and clients build it the same way (base model from the scenario, LoRA
-seeded identically), so only the exchanged state ever has to cross the wire.
+seeded identically on the scenario's targets), so only the exchanged state ever
+has to cross the wire.
 """
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import numpy as np
 from torch import nn
 
-from fedge.adapters import adapter_state, freeze_lora_a, inject_lora, load_adapter_state
-from fedge.methods import Method
-from fedge.models import LORA_TARGETS
-from fedge.runconfig import RunSettings
 from fedge.scenario import Scenario
 from fedge.state import to_numpy, to_torch
 
+#: what a method trains and exchanges: the whole model, LoRA A and B, or LoRA B only (A frozen)
+PAYLOADS = ("full", "lora", "lora-b")
 
-def build_federated_model(scenario: Scenario, method: Method, settings: RunSettings) -> nn.Module:
+
+def build_federated_model(scenario: Scenario, payload: str, *, rank: int, alpha: int, seed: int) -> nn.Module:
+    """The scenario's base model, with LoRA on its own targets unless the whole model is federated."""
+    if payload not in PAYLOADS:
+        raise ValueError(f"payload must be one of {PAYLOADS}, not {payload!r}")
     model = scenario.base_model()
-    if method.payload == "full":
+    if payload == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    peft_model = inject_lora(
-        model, LORA_TARGETS[scenario.architecture], rank=settings.lora_rank, alpha=settings.lora_alpha, seed=settings.seed
-    )
-    if method.payload == "lora-b":
+    from fedge.adapters import freeze_lora_a, inject_lora
+
+    peft_model = inject_lora(model, list(scenario.lora_targets), rank=rank, alpha=alpha, seed=seed)
+    if payload == "lora-b":
         freeze_lora_a(peft_model)
     return peft_model
 
 
-def exchanged_state(model: nn.Module, method: Method) -> OrderedDict[str, np.ndarray]:
-    if method.payload == "full":
+def exchanged_state(model: nn.Module, payload: str) -> OrderedDict[str, np.ndarray]:
+    if payload == "full":
         return to_numpy(model.state_dict())
+    from fedge.adapters import adapter_state
+
     state = adapter_state(model)  # type: ignore[arg-type]
-    if method.payload == "lora-b":
+    if payload == "lora-b":
         return OrderedDict((k, v) for k, v in state.items() if "lora_B" in k)
     return state
 
 
-def load_exchanged_state(model: nn.Module, method: Method, state: dict[str, np.ndarray]) -> None:
-    expected = exchanged_state(model, method)
+def load_exchanged_state(model: nn.Module, payload: str, state: Mapping[str, np.ndarray]) -> None:
+    expected = exchanged_state(model, payload)
     missing = set(expected) - set(state)
     extra = set(state) - set(expected)
     if missing or extra:
@@ -51,7 +58,25 @@ def load_exchanged_state(model: nn.Module, method: Method, state: dict[str, np.n
     for name, value in state.items():
         if value.shape != expected[name].shape:
             raise ValueError(f"tensor {name} has shape {value.shape}, model expects {expected[name].shape}")
-    if method.payload == "full":
-        model.load_state_dict(to_torch(state))
+    if payload == "full":
+        model.load_state_dict(to_torch(dict(state)))
     else:
-        load_adapter_state(model, state)  # type: ignore[arg-type]
+        from fedge.adapters import load_adapter_state
+
+        load_adapter_state(model, dict(state))  # type: ignore[arg-type]
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """An fp32 eval copy on the CPU with any peft LoRA adapters folded into the base weights; `model` is untouched.
+
+    What export and serving use: a plain model of the base architecture.
+    """
+    clone = copy.deepcopy(model)
+    merge = getattr(clone, "merge_and_unload", None)  # peft.PeftModel, without importing peft for plain models
+    if callable(merge):
+        clone = merge()
+    return clone.float().eval().cpu()
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

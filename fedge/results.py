@@ -1,4 +1,4 @@
-"""results.json, the contract runs are compared by, and its plot."""
+"""results.json, the contract runs are compared by, its tables and its plot."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rich.table import Table
 
 from fedge.atomic_file import atomic_write
 
@@ -132,3 +134,32 @@ def plot_accuracy_vs_uplink(results: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+# ---- tables ---------------------------------------------------------------------------------
+
+
+def round_table(name: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"{name}: per round", title_justify="left")
+    for col in ("round", "accuracy", "personalized", "uplink KB", "downlink KB", "clients"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['personalized_accuracy']:.4f}",
+                      f"{r['uplink_bytes'] / 1e3:.1f}", f"{r['downlink_bytes'] / 1e3:.1f}", str(r["clients"]))
+    return table
+
+
+def final_table(results: dict[str, Any]) -> Table:
+    base = results["base"]["accuracy"]
+    table = Table(title=f"final (base model accuracy {base:.4f})", title_justify="left")
+    for col in ("method", "accuracy", "vs base", "personalized", "bottom decile", "uplink MB", "downlink MB",
+                "trainable", "seconds"):
+        table.add_column(col, justify="right")
+    for name, entry in results["methods"].items():
+        f = entry["final"]
+        table.add_row(name, f"{f['accuracy']:.4f}", f"{100 * (f['accuracy'] - base):+.1f} pt",
+                      f"{f['personalized_accuracy']:.4f}", f"{f['bottom_decile_accuracy']:.4f}",
+                      f"{f['uplink_bytes'] / 1e6:.3f}", f"{f['downlink_bytes'] / 1e6:.3f}",
+                      f"{f['trainable_params']:,} ({100 * f['trainable_params'] / f['total_params']:.1f}%)",
+                      f"{f['seconds']:.1f}")
+    return table

@@ -1,4 +1,4 @@
-"""Local training and evaluation loops shared by clients, the base-model trainer and the edge."""
+"""Local training and evaluation loops shared by clients, the base-model trainer and the edge, and where they run."""
 
 from __future__ import annotations
 
@@ -9,6 +9,16 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """`auto` means CUDA when present, else the CPU; an explicit CUDA device without CUDA is an error."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {spec!r} requested but CUDA is not available")
+    return device
 
 
 @dataclass

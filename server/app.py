@@ -11,7 +11,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedge.runconfig import RunSettings
+from fedge.methods import resolve
 from fedge.server.federation import FederationOutcome, RoundCallback, run_federation
 
 
@@ -25,10 +25,10 @@ def make_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         config = {**dict(context.run_config), **(overrides or {})}
-        settings = RunSettings.from_config(config)
-        if "num_clients" not in (overrides or {}) and "num-clients" not in config:
-            settings.num_clients = len(list(grid.get_node_ids())) or settings.num_clients
-        outcome = run_federation(grid, settings, on_round)
+        spec = resolve(config)
+        if "num-clients" not in config:
+            spec.settings.num_clients = len(list(grid.get_node_ids())) or spec.settings.num_clients
+        outcome = run_federation(grid, spec, on_round)
         if outcomes is not None:
             outcomes.append(outcome)
 

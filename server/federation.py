@@ -20,18 +20,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedge.federated_model import build_federated_model, exchanged_state
-from fedge.methods import get_method
-from fedge.models import count_params
+from fedge.federated_model import count_params
+from fedge.messages import METRICS_RECORD, scalar, total_wire_bytes
+from fedge.methods import RunSpec
 from fedge.results import ClientEval, FleetAccuracy, fleet_accuracy, record_method
-from fedge.runconfig import RunSettings
 from fedge.scenario import load_scenario
 from fedge.server.checkpoints import RunCheckpoints
-from fedge.server.metrics import scalar
 from fedge.server.nodes import connected_view, in_partition_order, required_replies, wait_for_nodes
-from fedge.server.strategies import build_strategy
+from fedge.settings import RunSettings
 from fedge.state import from_record, to_record
-from fedge.wire import total_wire_bytes
 
 log = logging.getLogger("fedge.server")
 
@@ -77,7 +74,7 @@ def evaluate_fleet(strategy: Strategy, server_round: int, arrays: ArrayRecord, c
         if reply.has_error():
             log.warning("evaluation reply from node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
-        m = reply.content.metric_records["metrics"]
+        m = reply.content.metric_records[METRICS_RECORD]
         evals.append(ClientEval(*(int(scalar(m[k])) for k in ("partition-id", "num-examples", "correct", "personal-correct"))))
     if len(evals) < len(messages):
         log.warning("round %d: %d of %d nodes evaluated", server_round, len(evals), len(messages))
@@ -111,16 +108,16 @@ def train_round(strategy: Strategy, server_round: int, arrays: ArrayRecord, conf
     raise RoundFailed(f"round {server_round}: too few replies after {settings.round_retries + 1} attempts")
 
 
-def run_federation(grid: Grid, settings: RunSettings, on_round: RoundCallback | None = None) -> FederationOutcome:
+def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = None) -> FederationOutcome:
     started = time.perf_counter()
-    method = get_method(settings.method)
+    settings, method = spec.settings, spec.method
     scenario = load_scenario(settings.scenario, **settings.scenario_options())
-    model = build_federated_model(scenario, method, settings)
-    initial = exchanged_state(model, method)
+    model = method.build_model(scenario, settings)
+    initial = method.exchanged_state(model)
     arrays = to_record(initial)
-    strategy = build_strategy(method, settings, initial)
-    config = ConfigRecord(settings.to_config())
-    checkpoints = RunCheckpoints(settings)
+    strategy = method.strategy(spec, initial)
+    config = ConfigRecord(spec.to_config())
+    checkpoints = RunCheckpoints(settings, spec.to_config())
 
     nodes = wait_for_nodes(grid, settings.num_clients, settings.node_wait)
     if len(nodes) < required_replies(settings.min_replies, settings.num_clients):

@@ -7,13 +7,11 @@ Speeds are MB/s of fp32 input, median of repeats, next to a memcpy of the
 same buffer measured in the same run, so numbers from different machines
 compare as ratios.
 
-    python -m fedge.sim.bench_codecs --random-params 10000000 --repeats 5
+    fedge bench codecs --random-params 10000000 --repeats 5
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +22,7 @@ import numpy as np
 
 from fedge.codecs import available_codecs, build_codec, entropy_report
 from fedge.envelope import decode_update, encode_update, expected_specs
-from fedge.runconfig import RunSettings
+from fedge.methods import available_methods, get_method
 
 Update = OrderedDict[str, np.ndarray]
 
@@ -35,18 +33,26 @@ def lora_update(scenario: str = "digits-shift", *, partition: int = 0, num_parti
     import torch
 
     from fedge.adapters import adapter_state, inject_lora
-    from fedge.models import LORA_TARGETS
     from fedge.scenario import load_scenario
     from fedge.state import subtract
     from fedge.training import train_epochs
 
     sc = load_scenario(scenario)
-    model = inject_lora(sc.base_model(), LORA_TARGETS[sc.architecture], rank=rank, seed=seed)
+    model = inject_lora(sc.base_model(), list(sc.lora_targets), rank=rank, seed=seed)
     before = adapter_state(model)
     data = sc.client_data(partition, num_partitions)
     train_epochs(model, data.train, epochs=epochs, lr=lr, batch_size=batch_size, device=torch.device("cpu"),
                  seed=seed)
     return subtract(adapter_state(model), before)
+
+
+def run_defaults(codec: str) -> dict[str, Any]:
+    """The parameters a `fedge run` gives `codec`: the default options of the method of that name, if any."""
+    if codec not in available_methods():
+        return {}
+    options = get_method(codec).options()
+    params = getattr(options, "codec_params", None)
+    return dict(params()) if callable(params) else {}
 
 
 def random_update(num_params: int = 10_000_000, *, tensors: int = 40, df: float = 3.0, scale: float = 1e-3,
@@ -154,7 +160,7 @@ def run_codec_bench(
 
     names = list(codecs) if codecs else available_codecs()
     if codec_params is None:  # the settings a `fedge run` would use
-        codec_params = {name: RunSettings().codec_params(name) for name in names}
+        codec_params = {name: run_defaults(name) for name in names}
     updates: list[tuple[str, Update]] = []
     if lora:
         updates.append((f"lora:{scenario}", lora_update(scenario, epochs=lora_epochs, seed=seed)))
@@ -194,28 +200,3 @@ def print_codec_bench(rows: Sequence[Mapping[str, Any]], console: Any = None) ->
         if not console.is_terminal:  # piped to a file or a log: do not squeeze the table to 80 columns
             console = Console(width=200)
     console.print(table)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--codecs", nargs="*", default=None, help=f"default: all ({', '.join(available_codecs())})")
-    parser.add_argument("--random-params", type=int, default=10_000_000)
-    parser.add_argument("--no-lora", action="store_true")
-    parser.add_argument("--scenario", default="digits-shift")
-    parser.add_argument("--lora-epochs", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="0 = no cap")
-    parser.add_argument("--json", default=None, help="also write the rows to this file")
-    args = parser.parse_args(argv)
-    rows = run_codec_bench(args.codecs, random_params=args.random_params, lora=not args.no_lora,
-                           scenario=args.scenario, lora_epochs=args.lora_epochs, repeats=args.repeats,
-                           threads=args.threads or None)
-    print_codec_bench(rows)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

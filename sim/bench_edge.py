@@ -29,7 +29,7 @@ import torch
 from fedge.deploy import publish, publish_weight_update, start_registry
 from fedge.onnx_export import accuracy, quantize_int8_dynamic, quantize_int8_qdq, session, to_onnx
 from fedge.onnx_weights import apply_initializers, decode_weights
-from fedge.profiles import TIERS
+from fedge.tiers import TIERS
 from fedge.protos import edge_pb2, edge_pb2_grpc
 from fedge.scenario import load_scenario
 

@@ -25,8 +25,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedge.models import build_model
-from fedge.profiles import tier_for
+from fedge.tiers import tier_for
 from fedge.scenario import ClientData
 from fedge.sim.partition import dirichlet_partition
 from fedge.sim.shifts import CameraShift
@@ -44,11 +43,40 @@ def _upscale(images: np.ndarray) -> np.ndarray:
     return F.interpolate(t, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)[:, 0].numpy()
 
 
+class DigitsCNN(nn.Module):
+    """A ~1.1M-parameter CNN for 1x32x32 images.
+
+    Most parameters sit in `fc1`, as in the vision models fleets adapt, so that
+    adapters and compression have something real to bite on.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 16, hidden: int = 256) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.conv3 = nn.Conv2d(2 * width, 4 * width, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.act = nn.ReLU()
+        self.fc1 = nn.Linear(4 * width * 8 * 8, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.conv1(x))
+        x = self.pool(self.act(self.conv2(x)))
+        x = self.pool(self.act(self.conv3(x)))
+        x = torch.flatten(x, 1)
+        x = self.act(self.fc1(x))
+        return self.fc2(x)
+
+
 class DigitsShift:
     name = "digits-shift"
     architecture = "digits-cnn"
+    task = "classification"
     num_classes = 10
     sample_shape = (1, IMAGE_SIZE, IMAGE_SIZE)
+    #: LoRA on every conv and linear layer
+    lora_targets = ("conv1", "conv2", "conv3", "fc1", "fc2")
 
     def __init__(
         self,
@@ -102,7 +130,7 @@ class DigitsShift:
         def ds(sel: np.ndarray) -> TensorDataset:
             return TensorDataset(torch.from_numpy(images[sel][:, None]), torch.from_numpy(labels[sel]))
 
-        return ClientData(train=ds(train), test=ds(test), profile=tier_for(partition_id), shift=shift.to_dict())
+        return ClientData(train=ds(train), test=ds(test), tier=tier_for(partition_id), shift=shift.to_dict())
 
     def describe(self, num_partitions: int) -> dict[str, Any]:
         _, y_s, _, y_t = self._split
@@ -134,7 +162,7 @@ class DigitsShift:
     def base_model(self) -> nn.Module:
         """Train on the source domain once; later calls (any process) load the cached weights."""
         path = cache_dir() / f"{self.name}-base-{self._cache_key()}.safetensors"
-        model = build_model(self.architecture)
+        model = DigitsCNN(self.num_classes)
         if path.exists():
             model.load_state_dict(load_file(str(path)))
             return model
@@ -142,7 +170,7 @@ class DigitsShift:
         torch.set_num_threads(1)  # bitwise-reproducible weights across processes on one machine
         try:
             torch.manual_seed(self.seed)
-            model = build_model(self.architecture)
+            model = DigitsCNN(self.num_classes)
             train_epochs(model, self.source_data(), epochs=self.base_epochs, lr=1e-3, batch_size=64,
                          device=torch.device("cpu"), seed=self.seed)
         finally:

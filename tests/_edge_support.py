@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from fedge.models import build_model
+from fedge.sim.digits_shift import DigitsCNN
 from fedge.scenario import load_scenario
 
 T = TypeVar("T")
@@ -20,7 +20,7 @@ T = TypeVar("T")
 def seeded_model(seed: int = 0) -> torch.nn.Module:
     """An untrained DigitsCNN: as good as a trained one for export and deployment mechanics, and instant."""
     torch.manual_seed(seed)
-    return build_model("digits-cnn").eval()
+    return DigitsCNN().eval()
 
 
 def trained_model() -> torch.nn.Module:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fedge.results import ClientEval, fleet_accuracy
-from fedge.server.strategy_fedit import product_gap
+from fedge.methods.plain import product_gap
 
 
 def _lora(rng, a_scale=1.0):

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedge.checkpoint import Checkpoint, config_hash, load_checkpoint, save_checkpoint
-from fedge.runconfig import RunSettings
-from fedge.server.checkpoints import RunCheckpoints
+from fedge.server.checkpoints import Checkpoint, RunCheckpoints, config_hash, load_checkpoint, save_checkpoint
+from fedge.settings import RunSettings
 from fedge.server.nodes import required_replies
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedge.local_deployment import CONNECTION, LocalDeployment, Proc
-from fedge.node_data import save_node_data
+from fedge.server.local_deployment import CONNECTION, LocalDeployment, Proc
+from fedge.client.node_data import save_node_data
 
 pytestmark = [
     pytest.mark.slow,

@@ -11,7 +11,7 @@ import pytest
 from _edge_support import base_onnx, onnx_variant, target_data, to_npz, wait_until
 
 from fedge.artifacts import generate_key, make_manifest, sign_manifest
-from fedge.certs import create_credentials
+from fedge.server.certs import create_credentials
 from fedge.edge.agent import AgentConfig, EdgeAgent
 from fedge.protos import edge_pb2
 from fedge.server.registry import Registry, start

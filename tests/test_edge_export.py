@@ -12,7 +12,7 @@ from _edge_support import seeded_model, target_data, trained_model
 from onnx import numpy_helper
 from peft import LoraConfig, get_peft_model
 
-from fedge.models import LORA_TARGETS
+from fedge.sim.digits_shift import DigitsShift
 from fedge.onnx_export import accuracy, export_model, quantize_int8_dynamic, run_onnx, to_onnx
 from fedge.onnx_weights import (
     WeightUpdateError,
@@ -84,7 +84,7 @@ def test_fp16_halves_the_weights_and_stays_close(exported) -> None:  # type: ign
 
 def test_lora_adapters_are_merged_into_the_export(data) -> None:  # type: ignore[no-untyped-def]
     base = seeded_model(0)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS["digits-cnn"]))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(DigitsShift.lora_targets)))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:

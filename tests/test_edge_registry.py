@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from fedge.artifacts import load_public_key, verify_artifact, verify_manifest
-from fedge.certs import create_credentials
+from fedge.server.certs import create_credentials
 from fedge.deploy import fleet_status, publish
 from fedge.protos import edge_pb2, edge_pb2_grpc
 from fedge.server.registry import Registry, start

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedge.client.faults import FAULT_KINDS, damage
-from fedge.codecs.registry import build_codec
+from fedge.codecs import build_codec
 from fedge.envelope import EnvelopeError, decode_update, encode_update, expected_specs
 
 EXPECTED_REASON = {"truncate": None, "corrupt": "checksum", "version": "codec-version", "shape": "spec-mismatch",
@@ -25,14 +25,14 @@ def test_every_damaged_envelope_is_refused_with_its_reason(kind):
     envelope, _ = encode_update(update, build_codec("fedzip"))
     decode_update(envelope, expected_specs(update), 1 << 20)  # the undamaged one is accepted
     with pytest.raises(EnvelopeError) as caught:
-        decode_update(damage(envelope, kind, update), expected_specs(update), 1 << 20)
+        decode_update(damage(envelope, kind), expected_specs(update), 1 << 20)
     if EXPECTED_REASON[kind] is not None:
         assert caught.value.reason == EXPECTED_REASON[kind], str(caught.value)
 
 
 @pytest.mark.slow
 def test_federation_with_a_damaging_client_completes_and_stays_finite(tmp_path):
-    from fedge.simulation import simulate
+    from fedge.sim.runner import simulate
 
     outcome = simulate({"method": "fedzip", "num-server-rounds": 2, "num-clients": 3, "local-epochs": 1,
                         "fault-partitions": "0", "fault-kind": "corrupt", "out-dir": str(tmp_path)})

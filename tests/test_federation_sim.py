@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fedge.simulation import simulate
+from fedge.sim.runner import simulate
 
 ROUND_KEYS = {"round", "accuracy", "uplink_bytes", "downlink_bytes"}
 FINAL_KEYS = {"accuracy", "personalized_accuracy", "bottom_decile_accuracy", "uplink_bytes", "downlink_bytes",

@@ -4,8 +4,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from fedge.server.strategy_flasc import FLASC_SGD_LR, FlascStrategy
-from fedge.sparse_download import decode_download
+from fedge.methods.flasc import FLASC_SGD_LR, FlascStrategy, decode_download
 
 
 def _strategy(initial: dict[str, np.ndarray], lr: float = 0.0) -> FlascStrategy:

@@ -7,11 +7,11 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from fedge.client.app import query_node
 from fedge.client.job import node_data
-from fedge.client.profile import profile_reply
-from fedge.node_data import NodeDataError, save_node_data
-from fedge.profiles import PROFILE_QUERY
-from fedge.runconfig import RunSettings
+from fedge.client.node_data import NodeDataError, save_node_data
+from fedge.messages import CONFIG_RECORD, NODE_QUERY, NODE_RECORD
+from fedge.settings import RunSettings
 
 
 @pytest.fixture(autouse=True)
@@ -32,10 +32,11 @@ def test_a_node_trains_on_its_own_file_with_its_own_tier(tmp_path: Path, digits)
     data = node_data(_context(path, tier="weak"), settings)
     for mine, theirs in ((data.train, shard.train), (data.test, shard.test)):
         assert all(torch.equal(a, b) for a, b in zip(mine.tensors, theirs.tensors, strict=True))
-    assert data.profile.tier == "weak"
-    query = Message(RecordDict({"config": ConfigRecord(settings.to_config())}), dst_node_id=1, message_type=PROFILE_QUERY)
-    profile = profile_reply(query, _context(path, tier="weak")).content.config_records["profile"]
-    assert profile["tier"] == "weak" and profile["partition-id"] == 1
+    assert data.tier.tier == "weak"
+    query = Message(RecordDict({CONFIG_RECORD: ConfigRecord(settings.to_config())}), dst_node_id=1,
+                    message_type=NODE_QUERY)
+    node = query_node(query, _context(path, tier="weak")).content.config_records[NODE_RECORD]
+    assert node["tier"] == "weak" and node["partition-id"] == 1 and node["num-partitions"] == 3
 
 
 def _write(path: Path, **arrays: np.ndarray) -> Path:

@@ -44,4 +44,4 @@ def test_scenario_clients_have_their_own_shift_and_splits(digits):
     assert a.shift != b.shift
     assert len(a.train) > len(a.test) > 0
     assert a.train.tensors[0].shape[1:] == (1, 32, 32)
-    assert a.profile.tier != b.profile.tier
+    assert a.tier.tier != b.tier.tier

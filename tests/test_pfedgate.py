@@ -9,7 +9,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedge.blocks import (
+from fedge.messages import ARRAYS_RECORD, CONFIG_RECORD, METRICS_RECORD, message_wire_bytes
+from fedge.methods import Job, RunSpec, get_method, resolve
+from fedge.methods.pfedgate.blocks import (
     BLOCK_MASK,
     BLOCK_VALUES,
     NOVEL_PHASE,
@@ -19,17 +21,12 @@ from fedge.blocks import (
     BlockUpload,
     block_average,
 )
-from fedge.client.job import Job
-from fedge.client.pfedgate import GATE_STATE, assert_gate_absent, evaluate_pfedgate, train_pfedgate
-from fedge.federated_model import exchanged_state
-from fedge.gating import BlockGate, GatedModel, gate_state, knapsack, ste_factors
-from fedge.methods import get_method
-from fedge.profiles import TIERS, sparsity_budget
-from fedge.runconfig import RunSettings
+from fedge.methods.pfedgate.client import GATE_STATE, assert_gate_absent, evaluate_pfedgate, train_pfedgate
+from fedge.methods.pfedgate.gate import BlockGate, GatedModel, gate_state, knapsack, ste_factors
+from fedge.methods.pfedgate.strategy import BlockAvgStrategy
 from fedge.scenario import ClientData
-from fedge.server.strategy_blockavg import BlockAvgStrategy
 from fedge.state import from_record, to_record
-from fedge.wire import message_wire_bytes
+from fedge.tiers import TIERS, sparsity_budget
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +46,7 @@ def _data(n: int, seed: int) -> TensorDataset:
 
 
 def _state() -> dict[str, np.ndarray]:
-    return exchanged_state(_tiny_model(), get_method("pfedgate"))
+    return get_method("pfedgate").exchanged_state(_tiny_model())
 
 
 # ---- knapsack ------------------------------------------------------------------------------
@@ -170,36 +167,36 @@ def test_strategy_aggregates_blocks_from_replies() -> None:
 
 
 # ---- the gate stays on the client ----------------------------------------------------------------
-def _job(settings: RunSettings) -> Job:
+def _job(spec: RunSpec) -> Job:
     model = _tiny_model()
-    method = get_method("pfedgate")
-    data = ClientData(train=_data(48, 2), test=_data(16, 3), profile=TIERS["weak"])
-    return Job(settings, method, 2, data, None, model, exchanged_state(model, method), 1, torch.device("cpu"))  # type: ignore[arg-type]
+    data = ClientData(train=_data(48, 2), test=_data(16, 3), tier=TIERS["weak"])
+    return Job(spec, 2, data, None, model, spec.method.exchanged_state(model), 1, torch.device("cpu"))  # type: ignore[arg-type]
 
 
-def _request(settings: RunSettings, **extra: str) -> Message:
-    config = ConfigRecord({**settings.to_config(), **extra})
-    return Message(RecordDict({"arrays": to_record(_state()), "config": config}), dst_node_id=1, message_type="train")
+def _request(spec: RunSpec, **extra: str) -> Message:
+    config = ConfigRecord({**spec.to_config(), **extra})
+    return Message(RecordDict({ARRAYS_RECORD: to_record(_state()), CONFIG_RECORD: config}), dst_node_id=1,
+                   message_type="train")
 
 
 def test_gate_stays_in_context_and_never_in_a_reply() -> None:
-    settings = RunSettings(method="pfedgate", local_epochs=1, batch_size=16, gate_splits=4)
+    settings = resolve({"method": "pfedgate", "local-epochs": 1, "batch-size": 16, "pfedgate.gate-splits": 4})
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     reply = train_pfedgate(_job(settings), _request(settings), context)
     gate = from_record(context.state.array_records[GATE_STATE])
     assert gate and set(reply.content.array_records) == {UPLOAD_RECORD}
     assert_gate_absent(reply, gate)
-    layout = BlockLayout.of_state(_state(), settings.gate_splits)
+    layout = BlockLayout.of_state(_state(), settings.options.gate_splits)
     values = reply.content.array_records[UPLOAD_RECORD][BLOCK_VALUES].numpy()
     assert values.size <= sparsity_budget(TIERS["weak"]) * layout.total
 
     evaluation = evaluate_pfedgate(_job(settings), _request(settings), context)
     assert not evaluation.content.array_records
-    assert evaluation.content.metric_records["metrics"]["has-gate"] == 1
+    assert evaluation.content.metric_records[METRICS_RECORD]["has-gate"] == 1
 
     novel = train_pfedgate(_job(settings), _request(settings, **{PHASE_KEY: NOVEL_PHASE}), context)
     assert not novel.content.array_records
-    assert {"accuracy-before", "accuracy-after"} <= set(novel.content.metric_records["metrics"])
+    assert {"accuracy-before", "accuracy-after"} <= set(novel.content.metric_records[METRICS_RECORD])
 
 
 def test_assert_gate_absent_catches_a_leak() -> None:
@@ -217,19 +214,6 @@ def test_budgets_override_per_tier() -> None:
     assert sparsity_budget(TIERS["mid"], "0.9,0.6,0.2") == 0.6
     with pytest.raises(ValueError):
         sparsity_budget(TIERS["mid"], "0.9,0.6")
-
-
-def test_profile_query_reports_partition_and_budget() -> None:
-    from fedge.client.profile import profile_reply
-    from fedge.profiles import PROFILE_QUERY
-
-    settings = RunSettings(method="pfedgate", budgets="1.0,0.6,0.2")
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 2, "num-partitions": 3}, state=RecordDict(),
-                      run_config={})
-    query = Message(RecordDict({"config": ConfigRecord(settings.to_config())}), dst_node_id=1, message_type=PROFILE_QUERY)
-    profile = profile_reply(query, context).content.config_records["profile"]
-    assert (profile["partition-id"], profile["num-partitions"], profile["tier"]) == (2, 3, "weak")
-    assert profile["sparsity-budget"] == 0.2
 
 
 def test_blocks_hold_whole_rows_so_classifier_rows_are_per_class() -> None:

@@ -8,15 +8,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedge.adapters import inject_lora
-from fedge.client.codec import RESIDUAL_KEY, train_codec
-from fedge.client.job import Job
-from fedge.federated_model import exchanged_state
-from fedge.methods import get_method
-from fedge.profiles import TIERS
-from fedge.runconfig import RunSettings
+from fedge.messages import ARRAYS_RECORD, CONFIG_RECORD, UPDATE_RECORD, envelope_bytes
+from fedge.methods import Job, resolve
+from fedge.methods.compressed import RESIDUAL_KEY
 from fedge.scenario import ClientData
 from fedge.state import from_record, to_record
-from fedge.update_record import UPDATE_RECORD, envelope_bytes
+from fedge.tiers import TIERS
 
 
 @pytest.fixture(autouse=True)
@@ -42,18 +39,17 @@ def _data(n: int, seed: int) -> TensorDataset:
 def _job(server_round: int) -> Job:
     torch.manual_seed(0)
     model = inject_lora(_Tiny(), ["fc1", "fc2"], rank=4, alpha=8, seed=0)
-    method = get_method("flasc")
-    settings = RunSettings(method="flasc", local_epochs=1, batch_size=8, density_up=0.1)
-    data = ClientData(train=_data(32, 1), test=_data(8, 2), profile=TIERS["strong"])
-    return Job(settings, method, 0, data, None, model, exchanged_state(model, method), server_round,  # type: ignore[arg-type]
+    spec = resolve({"method": "flasc", "local-epochs": 1, "batch-size": 8, "flasc.density-up": 0.1})
+    data = ClientData(train=_data(32, 1), test=_data(8, 2), tier=TIERS["strong"])
+    return Job(spec, 0, data, None, model, spec.method.exchanged_state(model), server_round,  # type: ignore[arg-type]
                torch.device("cpu"))
 
 
 def _train(context: Context, server_round: int) -> bytes:
     job = _job(server_round)
-    request = Message(RecordDict({"arrays": to_record(job.global_state), "config": ConfigRecord({})}), dst_node_id=1,
-                      message_type="train")
-    reply = train_codec(job, request, context)
+    request = Message(RecordDict({ARRAYS_RECORD: to_record(job.global_state), CONFIG_RECORD: ConfigRecord({})}),
+                      dst_node_id=1, message_type="train")
+    reply = job.method.train(job, request, context)
     return envelope_bytes(reply.content, UPDATE_RECORD)
 
 

@@ -3,7 +3,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedge.state import to_record
-from fedge.wire import message_wire_bytes
+from fedge.messages import message_wire_bytes
 
 
 @pytest.fixture(autouse=True)

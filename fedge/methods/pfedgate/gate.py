@@ -31,7 +31,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedge.blocks import BlockLayout
+from fedge.methods.pfedgate.blocks import BlockLayout
 from fedge.training import TrainStats, train_epochs
 
 #: images larger than this (per side) are average-pooled to it before the gate sees them

@@ -3,7 +3,7 @@
 Clients upload only the blocks their knapsack kept, so a block's new value is
 the sample-weighted mean over its senders and keeps its previous value when
 nobody sent it. The strategy learns each node's partition and profile once
-(`query.profile`), holds the last `novel_clients` partitions out of training,
+(`fedge.messages.NODE_QUERY`), holds the last `novel_clients` partitions out of training,
 and after the federation lets those nodes join: they train only their gate on
 the final shared model and report their accuracy before and after.
 
@@ -24,7 +24,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedge.blocks import (
+from fedge.messages import (
+    ARRAYS_RECORD,
+    CONFIG_RECORD,
+    METRICS_RECORD,
+    NODE_QUERY,
+    NODE_RECORD,
+    SERVER_ROUND_KEY,
+    message_wire_bytes,
+    record_wire_bytes,
+    scalar,
+    total_wire_bytes,
+)
+from fedge.methods.pfedgate.blocks import (
     BLOCK_MASK,
     BLOCK_VALUES,
     NOVEL_PHASE,
@@ -34,11 +46,8 @@ from fedge.blocks import (
     BlockUpload,
     block_average,
 )
-from fedge.profiles import PROFILE_QUERY
 from fedge.results import ClientEval, fleet_accuracy
-from fedge.server.metrics import scalar
 from fedge.state import from_record, to_record
-from fedge.wire import message_wire_bytes, record_wire_bytes, total_wire_bytes
 
 log = logging.getLogger("fedge.server")
 
@@ -48,7 +57,7 @@ def decode_upload(layout: BlockLayout, reply: Message) -> BlockUpload:
     try:
         record = reply.content.array_records[UPLOAD_RECORD]
         values, bits = record[BLOCK_VALUES].numpy(), record[BLOCK_MASK].numpy()
-        weight = scalar(reply.content.metric_records["metrics"]["num-examples"])
+        weight = scalar(reply.content.metric_records[METRICS_RECORD]["num-examples"])
     except KeyError as err:
         raise ValueError(f"block upload lacks {err}") from err
     except TypeError as err:
@@ -72,7 +81,7 @@ class BlockAvgStrategy(FedAvg):
         self._rng = random.Random(seed)
         self._previous: dict[str, np.ndarray] = dict(initial)
 
-    # ---- checkpoints (fedge.checkpoint.Stateful): byte totals survive a resume; profiles are asked again ----
+    # ---- checkpoints (fedge.server.checkpoints.Stateful): byte totals survive a resume; profiles are asked again ----
     def state_dict(self) -> dict[str, Any]:
         return {"uplink": dict(self.uplink), "control_bytes": self.control_bytes}
 
@@ -85,14 +94,14 @@ class BlockAvgStrategy(FedAvg):
         """Ask nodes not yet known for their partition and profile (one small query each)."""
         unknown = [n for n in grid.get_node_ids() if n not in self.profiles]
         if unknown:
-            queries = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=PROFILE_QUERY) for n in unknown]
+            queries = [Message(RecordDict({CONFIG_RECORD: config}), dst_node_id=n, message_type=NODE_QUERY) for n in unknown]
             self.control_bytes += total_wire_bytes(queries)
             for reply in grid.send_and_receive(queries, timeout=self.timeout):
                 if reply.has_error():
                     log.warning("profile query to node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
                     continue
                 self.control_bytes += message_wire_bytes(reply)
-                self.profiles[reply.metadata.src_node_id] = dict(reply.content.config_records["profile"])
+                self.profiles[reply.metadata.src_node_id] = dict(reply.content.config_records[NODE_RECORD])
         return self.profiles
 
     def is_novel(self, node_id: int) -> bool:
@@ -110,8 +119,8 @@ class BlockAvgStrategy(FedAvg):
             return []
         size = min(len(pool), max(int(len(pool) * self.fraction_train), self.min_train_nodes))
         nodes = self._rng.sample(pool, size)
-        config["server-round"] = server_round
-        return self._construct_messages(RecordDict({"arrays": arrays, "config": config}), nodes, MessageType.TRAIN)
+        config[SERVER_ROUND_KEY] = server_round
+        return self._construct_messages(RecordDict({ARRAYS_RECORD: arrays, CONFIG_RECORD: config}), nodes, MessageType.TRAIN)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -127,7 +136,7 @@ class BlockAvgStrategy(FedAvg):
                             reply.metadata.src_node_id, err)
                 continue
             uploads.append(upload)
-            m = reply.content.metric_records["metrics"]
+            m = reply.content.metric_records[METRICS_RECORD]
             actual = message_wire_bytes(reply)
             dense = actual - record_wire_bytes(reply.content.array_records[UPLOAD_RECORD]) + dense_record
             sent_bytes += actual
@@ -156,8 +165,8 @@ class BlockAvgStrategy(FedAvg):
         """Novel nodes join (gate-only training), then every node reports; returns the results-entry fields."""
         profiles = self.learn_profiles(grid, config)
         novel = sorted(n for n in grid.get_node_ids() if n in profiles and self.is_novel(n))
-        novel_config = ConfigRecord({**dict(config), PHASE_KEY: NOVEL_PHASE, "server-round": 0})
-        messages = self._construct_messages(RecordDict({"arrays": arrays, "config": novel_config}), novel,
+        novel_config = ConfigRecord({**dict(config), PHASE_KEY: NOVEL_PHASE, SERVER_ROUND_KEY: 0})
+        messages = self._construct_messages(RecordDict({ARRAYS_RECORD: arrays, CONFIG_RECORD: novel_config}), novel,
                                             MessageType.TRAIN)
         novel_down = total_wire_bytes(messages)
         novel_clients = []
@@ -165,7 +174,7 @@ class BlockAvgStrategy(FedAvg):
             if reply.has_error():
                 log.warning("novel node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
-            m = reply.content.metric_records["metrics"]
+            m = reply.content.metric_records[METRICS_RECORD]
             novel_clients.append({
                 "partition_id": int(scalar(m["partition-id"])),
                 "tier": profiles[reply.metadata.src_node_id]["tier"],
@@ -198,7 +207,7 @@ class BlockAvgStrategy(FedAvg):
         for reply in grid.send_and_receive(messages, timeout=self.timeout):
             if reply.has_error():
                 continue
-            m = reply.content.metric_records["metrics"]
+            m = reply.content.metric_records[METRICS_RECORD]
             node = reply.metadata.src_node_id
             evals.append(ClientEval(int(scalar(m["partition-id"])), int(scalar(m["num-examples"])), int(scalar(m["correct"])),
                                     int(scalar(m["personal-correct"]))))

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedge.blocks import BLOCK_MASK, BLOCK_VALUES, NOVEL_PHASE, PHASE_KEY, UPLOAD_RECORD, BlockLayout
-from fedge.client.job import Job
-from fedge.federated_model import exchanged_state
-from fedge.gating import BlockGate, GatedModel, gate_state, load_gate_state, ordered_prior, train_gated
-from fedge.profiles import sparsity_budget
+from fedge.messages import CONFIG_RECORD, METRICS_RECORD
+from fedge.methods.base import Job
+from fedge.methods.pfedgate.blocks import BLOCK_MASK, BLOCK_VALUES, NOVEL_PHASE, PHASE_KEY, UPLOAD_RECORD, BlockLayout
+from fedge.methods.pfedgate.gate import BlockGate, GatedModel, gate_state, load_gate_state, ordered_prior, train_gated
 from fedge.state import from_record
+from fedge.tiers import sparsity_budget
 from fedge.training import evaluate
 
 GATE_STATE = "pfedgate-gate"
@@ -29,15 +29,15 @@ GATE_STATE = "pfedgate-gate"
 
 def gated_model(job: Job, context: Context) -> tuple[GatedModel, bool]:
     """The job's model behind this node's gate (restored from its state, else freshly seeded) and whether it was restored."""
-    layout = BlockLayout.of_state(job.global_state, job.settings.gate_splits)
+    layout = BlockLayout.of_state(job.global_state, job.options.gate_splits)
     sample_shape = tuple(job.data.train.tensors[0].shape[1:])
     with torch.random.fork_rng():
         torch.manual_seed(job.settings.seed * 7_919 + job.partition_id)
-        gate = BlockGate(sample_shape, len(layout), ordered_prior(layout, job.settings.gate_prior))
+        gate = BlockGate(sample_shape, len(layout), ordered_prior(layout, job.options.gate_prior))
     restored = GATE_STATE in context.state.array_records
     if restored:
         load_gate_state(gate, from_record(context.state.array_records[GATE_STATE]))
-    budget = sparsity_budget(job.data.profile, job.settings.budgets)
+    budget = sparsity_budget(job.data.tier, job.options.budgets)
     return GatedModel(job.model, gate, layout, budget), restored
 
 
@@ -65,16 +65,15 @@ def _metrics(job: Job, gated: GatedModel, keep: np.ndarray | None = None) -> dic
 
 def train_pfedgate(job: Job, msg: Message, context: Context) -> Message:
     """Train shared blocks and gate jointly; reply with the kept blocks only (the novel phase: gate only, no upload)."""
-    config = msg.content.config_records.get("config", ConfigRecord())
+    config = msg.content.config_records.get(CONFIG_RECORD, ConfigRecord())
     gated, _ = gated_model(job, context)
-    s = job.settings
-    lr = s.lr or job.method.lr
+    s, o, lr = job.settings, job.options, job.lr
     novel = config.get(PHASE_KEY, "") == NOVEL_PHASE
     if novel:  # "before": the untrained gate within budget; the dense global model is reported beside it
         dense = evaluate(job.model, job.data.test, device=job.device)
         gated.freeze(job.data.train, job.device)
         before = evaluate(gated, job.data.test, device=job.device)
-        stats = train_gated(gated, job.data.train, epochs=s.novel_epochs, lr=lr, gate_lr=s.gate_lr,
+        stats = train_gated(gated, job.data.train, epochs=o.novel_epochs, lr=lr, gate_lr=o.gate_lr,
                             batch_size=s.batch_size, device=job.device, seed=job.seed, train_shared=False)
         keep = gated.freeze(job.data.train, job.device)
         after = evaluate(gated, job.data.test, device=job.device)
@@ -83,16 +82,16 @@ def train_pfedgate(job: Job, msg: Message, context: Context) -> Message:
                                 "train-loss": stats.loss, "test-examples": after.num_examples,
                                 "accuracy-global": dense.accuracy, "accuracy-before": before.accuracy,
                                 "accuracy-after": after.accuracy})
-        reply = Message(RecordDict({"metrics": metrics}), reply_to=msg)
+        reply = Message(RecordDict({METRICS_RECORD: metrics}), reply_to=msg)
     else:
-        stats = train_gated(gated, job.data.train, epochs=s.local_epochs, lr=lr, gate_lr=s.gate_lr,
+        stats = train_gated(gated, job.data.train, epochs=s.local_epochs, lr=lr, gate_lr=o.gate_lr,
                             batch_size=s.batch_size, device=job.device, seed=job.seed)
         keep = gated.freeze(job.data.train, job.device)
         keep_gate(context, gated)
-        values, bits = gated.layout.pack(exchanged_state(job.model.cpu(), job.method), keep)
+        values, bits = gated.layout.pack(job.method.exchanged_state(job.model.cpu()), keep)
         metrics = MetricRecord({**_metrics(job, gated, keep), "num-examples": stats.num_examples, "train-loss": stats.loss})
         blocks = ArrayRecord({BLOCK_VALUES: Array(values), BLOCK_MASK: Array(bits)})
-        reply = Message(RecordDict({UPLOAD_RECORD: blocks, "metrics": metrics}), reply_to=msg)
+        reply = Message(RecordDict({UPLOAD_RECORD: blocks, METRICS_RECORD: metrics}), reply_to=msg)
     assert_gate_absent(reply, gate_state(gated.gate))
     return reply
 
@@ -108,14 +107,14 @@ def evaluate_pfedgate(job: Job, msg: Message, context: Context) -> Message:
     metrics = _metrics(job, gated)
     personal = global_result
     if restored:
-        if job.settings.gate_tune_epochs > 0:  # the gate follows the shared model it will be applied to
-            s = job.settings
-            train_gated(gated, job.data.train, epochs=s.gate_tune_epochs, lr=s.lr or job.method.lr, gate_lr=s.gate_lr,
-                        batch_size=s.batch_size, device=job.device, seed=job.seed + 1, train_shared=False)
+        if job.options.gate_tune_epochs > 0:  # the gate follows the shared model it will be applied to
+            o = job.options
+            train_gated(gated, job.data.train, epochs=o.gate_tune_epochs, lr=job.lr, gate_lr=o.gate_lr,
+                        batch_size=job.settings.batch_size, device=job.device, seed=job.seed + 1, train_shared=False)
             keep_gate(context, gated)
         metrics = _metrics(job, gated, gated.freeze(job.data.train, job.device))
         personal = evaluate(gated, job.data.test, device=job.device)
-    reply = Message(RecordDict({"metrics": MetricRecord({
+    reply = Message(RecordDict({METRICS_RECORD: MetricRecord({
         **metrics,
         "num-examples": global_result.num_examples,
         "correct": global_result.correct,

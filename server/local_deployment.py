@@ -21,7 +21,7 @@ from typing import Any
 
 import tomli_w
 
-from fedge.certs import Credentials, create_credentials
+from fedge.server.certs import Credentials, create_credentials
 
 CONNECTION = "fedge-local"
 FINISHED = "finished"

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from fedge.profiles import TIERS, DeviceProfile
 from fedge.scenario import ClientData
+from fedge.tiers import DeviceTier, tier_named
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -36,17 +36,18 @@ def save_node_data(path: Path, data: ClientData) -> None:
         np.savez(f, x_train=x_train.numpy(), y_train=y_train.numpy(), x_test=x_test.numpy(), y_test=y_test.numpy())
 
 
-def tier_profile(tier: str) -> DeviceProfile:
+def node_tier(name: str) -> DeviceTier:
+    """The tier a node's config names."""
     try:
-        return TIERS[tier]
-    except KeyError as err:
-        raise NodeDataError(f"node config tier {tier!r} is not one of {sorted(TIERS)}") from err
+        return tier_named(name)
+    except ValueError as err:
+        raise NodeDataError(f"node config {err}") from err
 
 
-def load_node_data(path: Path, profile: DeviceProfile, sample_shape: tuple[int, ...], num_classes: int) -> ClientData:
+def load_node_data(path: Path, tier: DeviceTier, sample_shape: tuple[int, ...], num_classes: int) -> ClientData:
     """The shard in `path`, checked against the scenario's sample shape and label count."""
     stat = _stat(path)
-    return _load(str(path), stat, profile, sample_shape, num_classes)
+    return _load(str(path), stat, tier, sample_shape, num_classes)
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -58,7 +59,7 @@ def _stat(path: Path) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=4)
-def _load(path: str, _stat: tuple[int, int], profile: DeviceProfile, sample_shape: tuple[int, ...],
+def _load(path: str, _stat: tuple[int, int], tier: DeviceTier, sample_shape: tuple[int, ...],
           num_classes: int) -> ClientData:
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -80,4 +81,4 @@ def _load(path: str, _stat: tuple[int, int], profile: DeviceProfile, sample_shap
         if not np.isfinite(x).all():
             raise NodeDataError(f"node data {path}: x_{split} has non-finite values")
         splits.append(TensorDataset(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64)))
-    return ClientData(train=splits[0], test=splits[1], profile=profile)
+    return ClientData(train=splits[0], test=splits[1], tier=tier)

@@ -1,19 +1,13 @@
-"""Run a federation under Flower's simulation runtime (Ray backend), one method at a time.
-
-The apps are resolved by their component strings (as `flwr run` does), so the
-core names the roles without importing them at module load.
-"""
+"""Run a federation under Flower's simulation runtime (Ray backend), one method at a time."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
-SERVER_APP_FACTORY = "fedge.server.app:make_server_app"
-CLIENT_APP = "fedge.client.app:app"
+from fedge.server.federation import FederationOutcome
 
 
 class _DropDeprecation(logging.Filter):
@@ -23,19 +17,17 @@ class _DropDeprecation(logging.Filter):
         return "DEPRECATED FEATURE" not in record.getMessage()
 
 
-def _resolve(ref: str) -> Any:
-    module, attr = ref.split(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def simulate(
     settings: dict[str, Any],
     on_round: Callable[[str, dict[str, Any]], None] | None = None,
     cpus: int | None = None,
     gpus_per_client: float = 0.0,
-) -> Any:
-    """Run one method's federation; returns its FederationOutcome."""
+) -> FederationOutcome:
+    """Run one method's federation with `settings` (run-config keys) over Flower's stock ServerApp/ClientApp."""
     from flwr.simulation import run_simulation
+
+    from fedge.client.app import app as client_app
+    from fedge.server.app import make_server_app
 
     flwr_log = logging.getLogger("flwr")
     flwr_log.setLevel(logging.WARNING)
@@ -43,14 +35,14 @@ def simulate(
         flwr_log.addFilter(_DropDeprecation())
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    outcomes: list[Any] = []
-    server_app = _resolve(SERVER_APP_FACTORY)(settings, on_round=on_round, outcomes=outcomes)
+    outcomes: list[FederationOutcome] = []
+    server_app = make_server_app(settings, on_round=on_round, outcomes=outcomes)
     cpus = cpus or os.cpu_count() or 1
     backend = {
         "client_resources": {"num_cpus": 1, "num_gpus": gpus_per_client},
         "init_args": {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False},
     }
-    run_simulation(server_app, _resolve(CLIENT_APP), num_supernodes=int(settings["num-clients"]), backend_config=backend)
+    run_simulation(server_app, client_app, num_supernodes=int(settings["num-clients"]), backend_config=backend)
     if not outcomes:
         raise RuntimeError(f"the federation for {settings.get('method')} ended without a result (see the log above)")
     return outcomes[0]

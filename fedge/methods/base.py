@@ -1,0 +1,191 @@
+"""What a method is: its payload, its client handlers, its server strategy and its own run-config section.
+
+The ClientApp hands each message to the method's `train` or `evaluate` handler
+with a `Job` (the node's data, the model loaded with the state the message
+carries); the ServerApp's round loop drives the strategy the method builds.
+`resolve` turns a run config into the settings, the method and its options,
+and refuses any key the run would not use.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import Strategy
+from torch import nn
+
+from fedge.federated_model import build_federated_model, exchanged_state, load_exchanged_state
+from fedge.messages import ARRAYS_RECORD, METRICS_RECORD, SERVER_ROUND_KEY
+from fedge.registry import Registry
+from fedge.scenario import ClientData, Scenario
+from fedge.settings import ConfigSection, NoOptions, RunSettings
+from fedge.state import from_record
+from fedge.training import evaluate
+
+
+@dataclass
+class RunSpec:
+    """A resolved run config: the common settings, the method, and the method's own options."""
+
+    settings: RunSettings
+    method: Method
+    options: Any
+
+    def to_config(self) -> dict[str, Any]:
+        """The run config a server sends: common keys plus the method's section (`<method>.<key>`)."""
+        section = {f"{self.method.name}.{k}": v for k, v in self.options.to_config().items()}
+        return {**self.settings.to_config(), **section}
+
+
+@dataclass
+class Job:
+    """What a method's client handler needs for one message: settings, data, and the model holding the global state."""
+
+    spec: RunSpec
+    partition_id: int
+    data: ClientData
+    scenario: Scenario
+    model: nn.Module
+    global_state: OrderedDict[str, np.ndarray]
+    server_round: int
+    device: torch.device
+
+    @property
+    def settings(self) -> RunSettings:
+        return self.spec.settings
+
+    @property
+    def method(self) -> Method:
+        return self.spec.method
+
+    @property
+    def options(self) -> Any:
+        return self.spec.options
+
+    @property
+    def lr(self) -> float:
+        return self.settings.lr or self.method.lr
+
+    @property
+    def seed(self) -> int:
+        """Distinct per run, round and client, reproducible across reruns."""
+        return self.settings.seed * 100_003 + self.server_round * 1_009 + self.partition_id
+
+
+#: a client handler: one message in, its reply out (the Context holds what the node keeps between rounds)
+Handler = Callable[[Job, Message, Context], Message]
+#: the global state a message carries, given the exchanged state of a freshly built model (FLASC: a sparse download)
+Receiver = Callable[[Message, "OrderedDict[str, np.ndarray]", RunSpec], "OrderedDict[str, np.ndarray]"]
+#: the server strategy of a run, given the exchanged state the run starts from
+StrategyFactory = Callable[[RunSpec, "OrderedDict[str, np.ndarray]"], Strategy]
+
+
+def receive_arrays(msg: Message, initial: OrderedDict[str, np.ndarray], spec: RunSpec) -> OrderedDict[str, np.ndarray]:
+    """The global state as Flower's dense ArrayRecord."""
+    return from_record(msg.content.array_records[ARRAYS_RECORD])
+
+
+def evaluate_global(job: Job, msg: Message, context: Context) -> Message:
+    """The global model on the client's own test split; without a personal model it is also what the client serves."""
+    result = evaluate(job.model, job.data.test, device=job.device)
+    metrics = MetricRecord({
+        "num-examples": result.num_examples,
+        "correct": result.correct,
+        "accuracy": result.accuracy,
+        "personal-correct": result.correct,
+        "mean-entropy": result.mean_entropy,
+        "partition-id": job.partition_id,
+    })
+    return Message(RecordDict({METRICS_RECORD: metrics}), reply_to=msg)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    #: what is trained and exchanged: "full" (the whole model), "lora" (A and B) or "lora-b" (A frozen)
+    payload: str
+    train: Handler
+    strategy: StrategyFactory
+    evaluate: Handler = evaluate_global
+    receive: Receiver = receive_arrays
+    #: the method's own run-config section (`<name>.<key>`)
+    options: type[ConfigSection] = NoOptions
+    #: local Adam learning rate unless the run sets one (adapters want a larger step than full models)
+    lr: float = 3e-3
+    #: config keys its strategy adds to a round's config (not run-config keys)
+    protocol_keys: tuple[str, ...] = field(default=())
+
+    def build_model(self, scenario: Scenario, settings: RunSettings) -> nn.Module:
+        return build_federated_model(scenario, self.payload, rank=settings.lora_rank, alpha=settings.lora_alpha,
+                                     seed=settings.seed)
+
+    def exchanged_state(self, model: nn.Module) -> OrderedDict[str, np.ndarray]:
+        return exchanged_state(model, self.payload)
+
+    def load_state(self, model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
+        load_exchanged_state(model, self.payload, state)
+
+
+METHODS: Registry[Method] = Registry("method", "fedge.methods")
+
+
+def register_method(method: Method) -> Method:
+    METHODS.register(method.name, method)
+    return method
+
+
+def get_method(name: str) -> Method:
+    return METHODS.get(name)
+
+
+def available_methods() -> list[str]:
+    return METHODS.names()
+
+
+def resolve(config: Mapping[str, Any]) -> RunSpec:
+    """Settings, method and options from a run config; a key that this run would not use is an error.
+
+    Keys of other methods' sections are other methods' settings (pyproject.toml lists every
+    method's defaults) and are checked but not used; an unknown key, an unknown section or an
+    unknown key inside a section is refused with the list of valid keys.
+    """
+    settings = RunSettings.from_config(config)
+    method = get_method(settings.method)
+    own = {k[len(method.name) + 1:]: v for k, v in config.items() if k.startswith(method.name + ".")}
+    options = method.options.from_config(own)
+    allowed = set(RunSettings.keys()) | {SERVER_ROUND_KEY, *method.protocol_keys}
+    sections = set(available_methods())
+    unknown = []
+    for key in config:
+        section, dot, rest = key.partition(".")
+        if not dot:
+            if key not in allowed:
+                unknown.append(key)
+        elif section not in sections:
+            unknown.append(key)
+        elif rest not in get_method(section).options.keys():
+            unknown.append(key)
+    if unknown:
+        valid = sorted(RunSettings.keys()) + [f"{method.name}.{k}" for k in method.options.keys()]
+        raise ValueError(f"run config keys {sorted(unknown)} are not used by a {method.name} run; "
+                         f"valid keys: {', '.join(valid)}")
+    return RunSpec(settings, method, options)
+
+
+def sampling(settings: RunSettings) -> dict[str, float | int]:
+    """Flower's client-sampling knobs from fedge's clients / clients-per-round."""
+    per_round = settings.clients_per_round or settings.num_clients
+    return {
+        "fraction_train": per_round / settings.num_clients,
+        "min_train_nodes": per_round,
+        "fraction_evaluate": 1.0,
+        "min_evaluate_nodes": settings.num_clients,
+        "min_available_nodes": settings.num_clients,
+    }

@@ -1,0 +1,98 @@
+"""Run settings: a typed view over Flower's run config, with fedge's defaults.
+
+The run config is flat, kebab-case (`num-server-rounds`). Keys common to every
+run are `RunSettings`; a method's own knobs are a section named after the
+method (`fedzip.top-z`; in pyproject.toml a `[tool.flwr.app.config.fedzip]`
+table, which Flower flattens to that form), parsed by the method's own
+`ConfigSection`. Which keys a run may hold is decided by `fedge.methods.resolve`:
+every key is used or refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, TypeVar
+
+S = TypeVar("S", bound="ConfigSection")
+
+
+def _coerce(default: Any, value: Any, key: str) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
+            return value.lower() in {"true", "1", "yes"}
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"run config {key}={value!r} is not a boolean")
+    if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"run config {key}={value!r} is not an integer")
+    try:
+        return type(default)(value)
+    except (TypeError, ValueError) as err:
+        kind = {int: "an integer", float: "a number", str: "a string"}.get(type(default), type(default).__name__)
+        raise ValueError(f"run config {key}={value!r} is not {kind}") from err
+
+
+class ConfigSection:
+    """A dataclass of run-config keys (field `num_server_rounds` is key `num-server-rounds`)."""
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name.replace("_", "-") for f in fields(cls)]  # type: ignore[arg-type]
+
+    @classmethod
+    def from_config(cls: type[S], values: Mapping[str, Any]) -> S:
+        """The section from `values` (kebab-case keys; keys of other sections are not looked at)."""
+        parsed: dict[str, Any] = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            key = f.name.replace("_", "-")
+            if key in values:
+                default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+                parsed[f.name] = _coerce(default, values[key], key)
+        return cls(**parsed)
+
+    def to_config(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}  # type: ignore[call-overload]
+
+
+@dataclass
+class NoOptions(ConfigSection):
+    """A method without knobs of its own."""
+
+
+@dataclass
+class RunSettings(ConfigSection):
+    """Keys every run has, whatever its method."""
+
+    method: str = "lora-fedavg"
+    num_server_rounds: int = 5
+    scenario: str = "digits-shift"
+    seed: int = 0
+    alpha: float = 0.5
+    num_clients: int = 4
+    clients_per_round: int = 0  # 0: all clients every round
+    local_epochs: int = 3
+    batch_size: int = 16
+    lr: float = 0.0  # 0: the method's default
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    device: str = "auto"
+    client_threads: int = 1
+    round_timeout: float = 600.0
+    # ---- real fleets: dropouts and checkpoints ----
+    min_replies: float = 0.5  # below 1: fraction of the nodes sent to; 1 or more: a node count
+    round_retries: int = 2  # a round with too few replies is sent again, at most this often
+    node_wait: float = 300.0  # seconds to wait for num-clients nodes to connect before starting
+    checkpoint: str = "auto"  # auto: resume from the last complete round; fresh: start over; off
+    checkpoint_dir: str = ""  # default: <out-dir>/checkpoints
+    #: the largest envelope a receiver opens (server: uploads; client: compressed downloads)
+    max_update_bytes: int = 64 << 20
+    #: fault drill: comma-separated partition ids whose uploads are deliberately damaged
+    fault_partitions: str = ""
+    fault_kind: str = "corrupt"
+    out_dir: str = "fedge-out"
+
+    def scenario_options(self) -> dict[str, Any]:
+        return {"seed": self.seed, "alpha": self.alpha}
