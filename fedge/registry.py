@@ -54,6 +54,7 @@ class Registry(Generic[T]):
         self.group = group
         self._items: dict[str, T | str] = {}
         self._lock = threading.Lock()
+        self._discovered = False
 
     def register(self, name: str, item: T | str, *, replace: bool = False) -> None:
         with self._lock:
@@ -71,10 +72,14 @@ class Registry(Generic[T]):
         return wrap
 
     def _discover(self) -> None:
+        """Plug-in modules named now, and entry points once per process (a lookup may sit on a hot path)."""
         load_plugins()
+        if self._discovered:
+            return
         for ep in entry_points(group=self.group):
             with self._lock:
                 self._items.setdefault(ep.name, ep.value)
+        self._discovered = True
 
     def names(self) -> list[str]:
         self._discover()

@@ -1,1 +1,2 @@
-"""Server role: the Flower ServerApp, strategies, checkpoints, the model registry."""
+"""Server role: the Flower ServerApp, the round loop, nodes, checkpoints, a local SuperLink/SuperNode launcher and
+its credentials."""

@@ -1,1 +1,2 @@
-"""Simulation role: scenarios (data, partitions, device profiles), network model, benchmarks."""
+"""Simulation: Flower's simulation runner, the embedded scenarios (data, partitions, camera shifts, their models),
+and the benchmark suite."""

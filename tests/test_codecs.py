@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from fedge.codecs import CodecError, available_codecs, build_codec, entropy_report, known_codecs
-from fedge.codecs.entropy import decode_gaps, decode_symbols, encode_gaps, encode_symbols, shannon_bytes
-from fedge.codecs.kmeans import kmeans_1d
-from fedge.codecs.select import gaps_of, indices_of, keep_count, kth_largest, topk_indices
+from fedge.codecs.primitives.entropy import decode_gaps, decode_symbols, encode_gaps, encode_symbols, shannon_bytes
+from fedge.codecs.primitives.kmeans import kmeans_1d
+from fedge.codecs.primitives.select import gaps_of, indices_of, keep_count, kth_largest, topk_indices
 
 ALL = ["dense", "fedzip", "flasc", "ternary", "q8", "q4"]
 

@@ -16,8 +16,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedge.codecs.base import Encoded, TensorSpec, assemble, flat_f32, specs_of, to_int
-from fedge.codecs.entropy import shannon_bytes
-from fedge.codecs.frame import PayloadReader, PayloadWriter
+from fedge.codecs.primitives.entropy import shannon_bytes
+from fedge.codecs.primitives.frame import PayloadReader, PayloadWriter
+from fedge.codecs.registry import register_codec
 
 
 def _blocks(size: int, block: int) -> int:
@@ -93,11 +94,13 @@ class BlockQuantCodec:
         return assemble(specs, flats)
 
 
+@register_codec
 class Q8Codec(BlockQuantCodec):
     name = "q8"
     bits = 8
 
 
+@register_codec
 class Q4Codec(BlockQuantCodec):
     name = "q4"
     bits = 4

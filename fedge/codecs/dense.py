@@ -8,8 +8,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedge.codecs.base import CodecError, Encoded, Section, TensorSpec, assemble, flat_f32, specs_of
+from fedge.codecs.registry import register_codec
 
 
+@register_codec
 class DenseCodec:
     """The raw little-endian float32 bytes of every tensor, concatenated in order (no framing)."""
 

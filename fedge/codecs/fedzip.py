@@ -8,13 +8,15 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedge.codecs.base import CodecError, Encoded, TensorSpec, assemble, flat_f32, fmt_float, specs_of, to_int
-from fedge.codecs.entropy import decode_symbols, encode_symbols, shannon_bytes
-from fedge.codecs.frame import PayloadReader, PayloadWriter
-from fedge.codecs.kmeans import kmeans_1d
-from fedge.codecs.positions import read_positions, write_positions
-from fedge.codecs.select import keep_count, topk_indices
+from fedge.codecs.primitives.entropy import decode_symbols, encode_symbols, shannon_bytes
+from fedge.codecs.primitives.frame import PayloadReader, PayloadWriter
+from fedge.codecs.primitives.kmeans import kmeans_1d
+from fedge.codecs.primitives.positions import read_positions, write_positions
+from fedge.codecs.primitives.select import keep_count, topk_indices
+from fedge.codecs.registry import register_codec
 
 
+@register_codec
 class FedZipCodec:
     """Payload sections: counts, centroids (fp32, `clusters` per tensor), cluster ids, positions.
 

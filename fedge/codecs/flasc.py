@@ -13,13 +13,15 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedge.codecs.base import Encoded, TensorSpec, assemble, flat_f32, fmt_float, specs_of
-from fedge.codecs.frame import PayloadReader, PayloadWriter
-from fedge.codecs.positions import read_positions, write_positions
-from fedge.codecs.select import keep_count, topk_indices
+from fedge.codecs.primitives.frame import PayloadReader, PayloadWriter
+from fedge.codecs.primitives.positions import read_positions, write_positions
+from fedge.codecs.primitives.select import keep_count, topk_indices
+from fedge.codecs.registry import register_codec
 
 _VALUE_DTYPES = {"float32": "<f4", "float16": "<f2"}
 
 
+@register_codec
 class FlascCodec:
     """Payload sections: values (all kept entries, tensor by tensor), counts, positions.
 

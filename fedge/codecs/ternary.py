@@ -15,14 +15,16 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedge.codecs.base import CodecError, Encoded, TensorSpec, assemble, flat_f32, fmt_float, specs_of
-from fedge.codecs.entropy import decode_symbols, encode_symbols, shannon_bytes
-from fedge.codecs.frame import PayloadReader, PayloadWriter
-from fedge.codecs.positions import read_positions, write_positions
-from fedge.codecs.select import keep_count, topk_indices
+from fedge.codecs.primitives.entropy import decode_symbols, encode_symbols, shannon_bytes
+from fedge.codecs.primitives.frame import PayloadReader, PayloadWriter
+from fedge.codecs.primitives.positions import read_positions, write_positions
+from fedge.codecs.primitives.select import keep_count, topk_indices
+from fedge.codecs.registry import register_codec
 
 _SCALE_RULES = ("l2", "std")
 
 
+@register_codec
 class TernaryCodec:
     """Payload sections: scales (fp32 per tensor), signs (entropy-coded bits), counts, positions."""
 

@@ -16,7 +16,7 @@ import constriction
 import numpy as np
 
 from fedge.codecs.base import CodecError
-from fedge.codecs.varint import decode_varints, encode_varints
+from fedge.codecs.primitives.varint import decode_varints, encode_varints
 
 _MAX_ALPHABET = 1 << 16
 _EXACT_BITS = 4

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from fedge.codecs.base import CodecError, TensorSpec
-from fedge.codecs.entropy import decode_gaps, encode_gaps, shannon_bytes
-from fedge.codecs.frame import PayloadReader, PayloadWriter
-from fedge.codecs.select import gaps_of, indices_of, keep_count
+from fedge.codecs.primitives.entropy import decode_gaps, encode_gaps, shannon_bytes
+from fedge.codecs.primitives.frame import PayloadReader, PayloadWriter
+from fedge.codecs.primitives.select import gaps_of, indices_of, keep_count
 
 
 def write_positions(writer: PayloadWriter, indices: list[np.ndarray]) -> None:
