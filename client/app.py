@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 
 from fedge.client.faults import damage_reply
 from fedge.client.job import node_data, partition, prepare_job, run_spec
-from fedge.messages import NODE_RECORD
+from fedge.messages import NODE_QUERY_ACTION, NODE_RECORD
 
 app = ClientApp()
 
@@ -29,7 +29,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     return job.method.evaluate(job, msg, context)
 
 
-@app.query("profile")
+@app.query(NODE_QUERY_ACTION)
 def query_node(msg: Message, context: Context) -> Message:
     """The node's partition and device tier, nothing else (strategies that treat tiers differently ask once)."""
     pid, num = partition(context)

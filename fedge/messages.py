@@ -27,8 +27,10 @@ DOWNLOAD_RECORD = "download"  # the server's compressed model for the round: one
 #: config keys the server adds to a round's run config (not run-config keys themselves)
 SERVER_ROUND_KEY = "server-round"
 
-#: message type of the query a strategy sends to learn each node's partition and tier
-NODE_QUERY = "query.profile"
+#: the query a strategy sends to learn each node's partition and tier: the ClientApp's query action, the
+#: message type on the wire, and the record of the reply
+NODE_QUERY_ACTION = "profile"
+NODE_QUERY = f"query.{NODE_QUERY_ACTION}"
 NODE_RECORD = "profile"
 
 ENVELOPE_STYPE = "fedge.envelope/v1"
