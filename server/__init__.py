@@ -1,1 +1,1 @@
-"""Server role: the Flower ServerApp, strategies, checkpoints, the model registry."""
+"""Server role: the Flower ServerApp, strategies, checkpoints."""

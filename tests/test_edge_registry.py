@@ -7,11 +7,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fedge.artifacts import load_public_key, verify_artifact, verify_manifest
-from fedge.server.certs import create_credentials
-from fedge.deploy import fleet_status, publish
+from fedge.edge.artifacts import load_public_key, verify_artifact, verify_manifest
+from fedge.edge.publish import fleet_status, publish
+from fedge.edge.registry import Registry, start
 from fedge.protos import edge_pb2, edge_pb2_grpc
-from fedge.server.registry import Registry, start
+from fedge.server.certs import create_credentials
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def running(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_publishing_needs_the_token(running) -> None:  # type: ignore[no-untyped-def]
-    reg, address = running
+    _, address = running
     with pytest.raises(grpc.RpcError) as err:
         publish(address, "wrong", b"model")
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
