@@ -8,6 +8,7 @@ and the agents through these same commands.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -52,6 +53,53 @@ def registry_serve(
     from fedge.edge.registry import serve
 
     serve(workdir, host, port, key, publish=publish, tls_certificate=tls_certificate, tls_key=tls_key)
+
+
+@registry_app.command("publish")
+def registry_publish(
+    file: Annotated[Path, typer.Argument(help="the artifact (an ONNX file)", exists=True, dir_okay=False)],
+    registry: RegistryAddress,
+    token: Annotated[str, typer.Option(envvar="FEDGE_PUBLISH_TOKEN", help="the registry's publish token")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx, onnx-int8 or onnx-fp16")] = "onnx",
+    root_certificates: RootCertificates = None,
+) -> None:
+    """Publish FILE as the registry's next version; watching agents fetch it."""
+    import grpc
+
+    from fedge.edge.publish import publish
+
+    try:
+        reply = publish(registry, token, file.read_bytes(), fmt, {"source": file.name},
+                        root_certificates=root_certificates)
+    except grpc.RpcError as err:
+        console.print(f"[red]not published[/red]: {err.code().name}: {err.details()}")
+        raise typer.Exit(1) from err
+    console.print(f"published v{reply.version}: {reply.bytes} bytes, sha256 {reply.sha256}")
+
+
+@registry_app.command("status")
+def registry_status(registry: RegistryAddress, root_certificates: RootCertificates = None) -> None:
+    """The registry's fleet: each device's tier, runtime, serving version and when it was last seen."""
+    import grpc
+    from rich.table import Table
+
+    from fedge.edge.publish import fleet_status
+
+    try:
+        status = fleet_status(registry, root_certificates=root_certificates)
+    except grpc.RpcError as err:
+        console.print(f"[red]no status[/red]: {err.code().name}: {err.details()}")
+        raise typer.Exit(1) from err
+    table = Table(title=f"{registry}: latest v{status.latest_version}, {len(status.devices)} device(s)",
+                  title_justify="left")
+    for column in ("device", "tier", "runtime", "serving", "last seen"):
+        table.add_column(column)
+    now = time.time()
+    for device in status.devices:
+        serving = f"v{device.last_telemetry.serving_version}" if device.HasField("last_telemetry") else "-"
+        table.add_row(device.profile.device_id, device.profile.tier, device.profile.runtime, serving,
+                      f"{max(now - device.last_seen_unix, 0.0):.1f} s ago")
+    console.print(table)
 
 
 @edge_app.command("agent")
