@@ -1,7 +1,9 @@
 """Pick and load the fastest runtime a device has: TensorRT, ONNX Runtime on TensorRT/CUDA, or ONNX Runtime CPU.
 
 The agent reports the chosen name (e.g. "onnxruntime-cpu") in its profile and
-telemetry, so the fleet's state says what each device actually runs.
+telemetry, so the fleet's state says what each device actually runs. Free of
+torch: the agent imports it, and the export checks its graphs with the same
+ONNX Runtime session setup (`ort_session`).
 """
 
 from __future__ import annotations
@@ -52,18 +54,23 @@ def choose_runtime(preferred: str | None = None) -> str:
     return present[0]
 
 
+def ort_session(onnx_bytes: bytes, runtime: str = "onnxruntime-cpu", threads: int = 0) -> ort.InferenceSession:
+    """An ONNX Runtime session on the runtime's providers (quiet; `threads` intra-op threads, 0: ONNX Runtime's choice)."""
+    if runtime not in _ORT_PROVIDERS:
+        raise ValueError(f"{runtime!r} is not an ONNX Runtime runtime")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(onnx_bytes, options, providers=_ORT_PROVIDERS[runtime])
+
+
 class OnnxRuntimeModel:
     """An ONNX Runtime session; `run` is thread-safe, so the serving loop and canary may share it."""
 
     def __init__(self, onnx_bytes: bytes, runtime: str = "onnxruntime-cpu", threads: int = 0) -> None:
-        if runtime not in _ORT_PROVIDERS:
-            raise ValueError(f"{runtime!r} is not an ONNX Runtime runtime")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
         self.runtime = runtime
-        self.session = ort.InferenceSession(onnx_bytes, options, providers=_ORT_PROVIDERS[runtime])
+        self.session = ort_session(onnx_bytes, runtime, threads)
         self.input_name = self.session.get_inputs()[0].name
 
     def predict(self, x: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from typing import Any
 
 import tomli_w
 
+from fedge.processes import ChildProcess
 from fedge.server.certs import Credentials, create_credentials
 
 CONNECTION = "fedge-local"
@@ -52,58 +53,6 @@ def find_app_dir(start: str | Path | None = None) -> Path:
 
 
 @dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, grace: float = 5.0, sig: int = signal.SIGTERM) -> None:
-        """Signal the process group, then force it and every descendant.
-
-        Flower starts the SuperLink's SuperExec in a session of its own, so the
-        group alone would miss it and the ServerApp process under it.
-        """
-        import psutil
-
-        try:
-            descendants = psutil.Process(self.popen.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            descendants = []
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.popen.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.popen.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)  # stragglers in the group, the leader included
-        except (ProcessLookupError, PermissionError):
-            pass
-        for child in descendants:
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(descendants, timeout=grace)
-        try:
-            self.popen.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
-
-
-@dataclass
 class LocalDeployment:
     """SuperLink + SuperNodes on loopback. Use as a context manager so every process is stopped on exit."""
 
@@ -113,8 +62,8 @@ class LocalDeployment:
     secure: bool = False  # TLS on every API and SuperNode authentication
     fleet_port: int = field(default_factory=free_port)
     control_port: int = field(default_factory=free_port)
-    superlink: Proc | None = None
-    nodes: dict[str, Proc] = field(default_factory=dict)  # by process name
+    superlink: ChildProcess | None = None
+    nodes: dict[str, ChildProcess] = field(default_factory=dict)  # by process name
     credentials: Credentials | None = None
     #: a folder of node-<i>.npz files: each SuperNode trains on its own file (node config `data-path`)
     node_data: Path | None = None
@@ -173,12 +122,8 @@ class LocalDeployment:
 
     # ---- processes ----
 
-    def _spawn(self, name: str, cmd: list[str]) -> Proc:
-        log = self.logs / f"{name}.log"
-        with open(log, "ab") as fh:
-            popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env(), cwd=self.workdir,
-                                     start_new_session=True)
-        return Proc(name, popen, log)
+    def _spawn(self, name: str, cmd: list[str]) -> ChildProcess:
+        return ChildProcess.spawn(name, cmd, self.logs / f"{name}.log", env=self.env(), cwd=self.workdir)
 
     def flwr(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         """One `flwr` CLI call against this deployment's SuperLink connection."""
@@ -188,7 +133,7 @@ class LocalDeployment:
             raise RuntimeError(f"flwr {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
         return done
 
-    def start_superlink(self, timeout: float = 90.0) -> Proc:
+    def start_superlink(self, timeout: float = 90.0) -> ChildProcess:
         self.superlink = self._spawn("superlink", self.superlink_command())
         deadline = time.monotonic() + timeout
         while not (port_open(self.fleet_port) and port_open(self.control_port)):
@@ -204,7 +149,7 @@ class LocalDeployment:
             self.flwr("supernode", "register", str(public), CONNECTION, "--name", private.stem)
 
     def start_supernode(self, partition: int, key: Path | None = None, max_retries: int | None = None,
-                        name: str | None = None) -> Proc:
+                        name: str | None = None) -> ChildProcess:
         name = name or f"supernode-{partition}"
         if name in self.nodes and self.nodes[name].alive():
             raise RuntimeError(f"{name} is already running")

@@ -26,12 +26,14 @@ import grpc
 import numpy as np
 import torch
 
-from fedge.deploy import publish, publish_weight_update, start_registry
-from fedge.onnx_export import accuracy, quantize_int8_dynamic, quantize_int8_qdq, session, to_onnx
-from fedge.onnx_weights import apply_initializers, decode_weights
-from fedge.tiers import TIERS
+from fedge.edge.export import accuracy, quantize_int8_dynamic, quantize_int8_qdq, to_onnx
+from fedge.edge.fleet import start_registry
+from fedge.edge.publish import publish, publish_weight_update
+from fedge.edge.runtime import ort_session
+from fedge.edge.weights import apply_initializers, decode_weights
 from fedge.protos import edge_pb2, edge_pb2_grpc
 from fedge.scenario import load_scenario
+from fedge.tiers import TIERS
 
 
 def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 5) -> float:
@@ -50,7 +52,7 @@ def latency(model: torch.nn.Module, variants: dict[str, bytes], x: np.ndarray, r
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        sessions = {f"onnxruntime {name}": session(data, threads=threads) for name, data in variants.items()}
+        sessions = {f"onnxruntime {name}": ort_session(data, threads=threads) for name, data in variants.items()}
         rows = []
         for batch in (1, 32):
             xb = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])), dtype=np.float32)
@@ -83,14 +85,14 @@ def push(base: bytes, updates: dict[str, bytes], workdir: Path) -> list[dict[str
         for name, new in updates.items():
             start = time.perf_counter()
             reply = publish(address, token, new)
-            session(_fetch(address, reply.version))
+            ort_session(_fetch(address, reply.version))
             full_s = time.perf_counter() - start
 
             start = time.perf_counter()
             reply_w = publish_weight_update(address, token, base, base_version, new)
             payload = _fetch(address, reply_w.version)
             rebuilt = apply_initializers(base, decode_weights(payload))
-            session(rebuilt)
+            ort_session(rebuilt)
             weights_s = time.perf_counter() - start
             if rebuilt != new:
                 raise AssertionError("weight-only update did not rebuild the new model exactly")

@@ -131,7 +131,7 @@ def run(
 
 def deploy_final(config: dict[str, Any], arrays: Any, devices: int, out: Path) -> dict[str, Any]:
     """Export the run's final model and push it to `devices` edge agents; returns results.json's "edge" entry."""
-    from fedge.deploy import deploy_to_edge
+    from fedge.edge.fleet import deploy_to_edge
     from fedge.sim.handoff import final_model, fleet_data
 
     with console.status(f"{config['method']}: exporting and deploying to {devices} edge agents"):

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from fedge.sim.digits_shift import DigitsCNN
 from fedge.scenario import load_scenario
+from fedge.sim.digits_shift import DigitsCNN
 
 T = TypeVar("T")
 
@@ -66,7 +66,7 @@ def base_onnx() -> bytes:
     import hashlib
     import os
 
-    from fedge.onnx_export import to_onnx
+    from fedge.edge.export import to_onnx
     from fedge.sim.digits_shift import cache_dir
 
     model = trained_model()
@@ -86,7 +86,7 @@ def base_onnx() -> bytes:
 
 def onnx_variant(kind: str) -> bytes:
     """A new version with the base graph and edited weights, as an adaptation round or a bad push would make."""
-    from fedge.onnx_weights import apply_initializers, initializers
+    from fedge.edge.weights import apply_initializers, initializers
 
     weights = initializers(base_onnx())
     rng = np.random.default_rng(1)

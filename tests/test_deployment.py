@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedge.server.local_deployment import CONNECTION, LocalDeployment, Proc
 from fedge.client.node_data import save_node_data
+from fedge.processes import ChildProcess
+from fedge.server.local_deployment import CONNECTION, LocalDeployment
 
 pytestmark = [
     pytest.mark.slow,
@@ -44,7 +45,7 @@ def wait_for(predicate: Any, timeout: float, what: str, poll: float = 0.5) -> No
         time.sleep(poll)
 
 
-def log_has(proc: Proc, text: str) -> bool:
+def log_has(proc: ChildProcess, text: str) -> bool:
     return proc.log.exists() and text in proc.log.read_text(errors="replace")
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from _edge_support import base_onnx, onnx_variant, target_data, to_npz, wait_until
 
-from fedge.artifacts import generate_key, make_manifest, sign_manifest
-from fedge.server.certs import create_credentials
 from fedge.edge.agent import AgentConfig, EdgeAgent
+from fedge.edge.artifacts import generate_key, make_manifest, sign_manifest
+from fedge.edge.registry import Registry, start
 from fedge.protos import edge_pb2
-from fedge.server.registry import Registry, start
+from fedge.server.certs import create_credentials
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_live_failure_rolls_back_to_the_last_good_model(tmp_path: Path, registry
             def predict(self, x: np.ndarray) -> np.ndarray:
                 return np.full((len(x), 10), np.nan, dtype=np.float32)
 
-        served = agent._served
+        served = agent.serving.served
         assert served is not None
         object.__setattr__(served, "model", Broken())  # v2 starts producing NaNs in the field
         wait_until(lambda: agent.serving_version == 1, what="rollback to v1")
@@ -196,8 +196,8 @@ def test_agent_restarts_on_its_last_verified_model(tmp_path: Path, registry, mod
 
 
 def test_weight_only_update_is_applied_and_checked_against_its_signed_target(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
-    from fedge.artifacts import WEIGHTS_FORMAT, sha256_hex
-    from fedge.onnx_weights import changed_initializers, encode_weights
+    from fedge.edge.artifacts import WEIGHTS_FORMAT, sha256_hex
+    from fedge.edge.weights import changed_initializers, encode_weights
 
     reg, address = registry
     agent = make_agent(tmp_path, address, reg)

@@ -12,9 +12,8 @@ from _edge_support import seeded_model, target_data, trained_model
 from onnx import numpy_helper
 from peft import LoraConfig, get_peft_model
 
-from fedge.sim.digits_shift import DigitsShift
-from fedge.onnx_export import accuracy, export_model, quantize_int8_dynamic, run_onnx, to_onnx
-from fedge.onnx_weights import (
+from fedge.edge.export import accuracy, export_model, quantize_int8_dynamic, run_onnx, to_onnx
+from fedge.edge.weights import (
     WeightUpdateError,
     apply_initializers,
     changed_initializers,
@@ -22,6 +21,7 @@ from fedge.onnx_weights import (
     encode_weights,
 )
 from fedge.scenario import load_scenario
+from fedge.sim.digits_shift import DigitsShift
 
 
 @pytest.fixture(scope="module")

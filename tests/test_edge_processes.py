@@ -12,15 +12,15 @@ import pytest
 import torch
 from _edge_support import base_onnx, target_data, to_npz, trained_model, wait_until
 
-from fedge.deploy import deploy_to_edge
-from fedge.server.registry import Registry, start
+from fedge.edge.fleet import deploy_to_edge
+from fedge.edge.registry import Registry, start
 from fedge.training import evaluate
 
 pytestmark = pytest.mark.slow
 
 
 def launch_agent(address: str, public: Path, workdir: Path, data: Path, *extra: str) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "fedge.edge.agent", "--registry", address, "--device-id", "cam-0",
+    args = [sys.executable, "-m", "fedge.cli", "edge", "agent", "--registry", address, "--device-id", "cam-0",
             "--public-key", str(public), "--workdir", str(workdir), "--data", str(data), "--report-interval", "0.2", *extra]
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 

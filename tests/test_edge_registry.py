@@ -6,12 +6,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from typer.testing import CliRunner
 
-from fedge.artifacts import load_public_key, verify_artifact, verify_manifest
-from fedge.server.certs import create_credentials
-from fedge.deploy import fleet_status, publish
+from fedge.cli import app
+from fedge.edge.artifacts import load_public_key, verify_artifact, verify_manifest
+from fedge.edge.publish import fleet_status, publish
+from fedge.edge.registry import Registry, start
 from fedge.protos import edge_pb2, edge_pb2_grpc
-from fedge.server.registry import Registry, start
+from fedge.server.certs import create_credentials
 
 
 @pytest.fixture
@@ -24,7 +26,7 @@ def running(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_publishing_needs_the_token(running) -> None:  # type: ignore[no-untyped-def]
-    reg, address = running
+    _, address = running
     with pytest.raises(grpc.RpcError) as err:
         publish(address, "wrong", b"model")
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -82,3 +84,35 @@ def test_a_tls_registry_serves_only_clients_that_trust_its_ca(tmp_path: Path) ->
     finally:
         reg.stop()
         server.stop(grace=0.5).wait()
+
+
+def test_cli_publishes_a_file_with_the_token_from_the_environment(running, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    reg, address = running
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"m" * 5000)
+    command = ["registry", "publish", str(model), "--registry", address]
+    denied = CliRunner().invoke(app, command, env={"FEDGE_PUBLISH_TOKEN": "wrong"})
+    assert denied.exit_code == 1 and "PERMISSION_DENIED" in denied.output and reg.latest_version == 0
+    done = CliRunner().invoke(app, command, env={"FEDGE_PUBLISH_TOKEN": "s3cret"})
+    assert done.exit_code == 0, done.output
+    stored = reg.store.read(1)
+    assert f"published v1: 5000 bytes, sha256 {stored.manifest.sha256}" in done.output
+    assert stored.manifest.format == "onnx" and stored.manifest.metadata == {"source": "model.onnx"}
+
+
+def test_cli_status_lists_every_device_with_its_serving_version(running) -> None:  # type: ignore[no-untyped-def]
+    reg, address = running
+    reg.publish(b"m" * 100)
+    with grpc.insecure_channel(address) as channel:
+        stub = edge_pb2_grpc.EdgeRegistryStub(channel)
+        stub.Register(edge_pb2.DeviceProfile(device_id="cam-7", tier="weak", runtime="onnxruntime-cpu"), timeout=10)
+        stub.ReportTelemetry(edge_pb2.Telemetry(device_id="cam-7", serving_version=1, runtime="onnxruntime-cpu"),
+                             timeout=10)
+        stub.Register(edge_pb2.DeviceProfile(device_id="cam-8", tier="strong", runtime="tensorrt"), timeout=10)
+    result = CliRunner().invoke(app, ["registry", "status", "--registry", address])
+    assert result.exit_code == 0, result.output
+    assert "latest v1, 2 device(s)" in result.output
+    rows = {cells[0]: cells[1:] for line in result.output.splitlines()
+            if (cells := [c.strip() for c in line.strip("│ ").split("│")])[0].startswith("cam-")}
+    assert rows["cam-7"][:3] == ["weak", "onnxruntime-cpu", "v1"] and rows["cam-7"][3].endswith("s ago")
+    assert rows["cam-8"][:3] == ["strong", "tensorrt", "-"]

@@ -1,16 +1,13 @@
 """The model registry: signed, versioned artifacts on disk, pushed to watching edge agents over gRPC.
 
-    python -m fedge.server.registry --workdir DIR [--port 0] [--key DIR/registry.pem]
-
-prints one line `REGISTRY <host:port>` once it listens, so a launcher can read
-the bound port. Each version lives in `DIR/artifacts/v000001/` (model bytes,
-canonical manifest, signature); telemetry and uploaded samples are stored under
-`DIR/telemetry.jsonl` and `DIR/samples/`.
+`fedge registry serve --workdir DIR [--port 0]` prints `PUBLIC_KEY <path>` and
+`REGISTRY <host:port>` once it listens, so a launcher can read the bound port.
+Each version lives in `DIR/artifacts/v000001/` (`fedge.edge.artifacts.ArtifactStore`);
+telemetry and uploaded samples are stored under `DIR/telemetry.jsonl` and `DIR/samples/`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import json
 import logging
@@ -20,7 +17,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,59 +24,25 @@ import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
-from fedge.artifacts import (
+from fedge.edge.artifacts import (
     ArtifactError,
+    ArtifactStore,
     Manifest,
+    StoredArtifact,
     load_or_create_key,
     make_manifest,
     public_pem,
     sign_manifest,
 )
-from fedge.grpc_tls import add_port
+from fedge.edge.tls import add_port
 from fedge.protos import edge_pb2, edge_pb2_grpc
 
 log = logging.getLogger("fedge.registry")
 
 DEFAULT_CHUNK = 256 * 1024
 MAX_CHUNK = 2 * 1024 * 1024
+#: gRPC metadata key of the publish token (`fedge.edge.publish` sends it, `Registry.Publish` checks it)
 TOKEN_HEADER = "x-fedge-token"
-
-
-@dataclass(frozen=True)
-class Published:
-    manifest: Manifest
-    canonical: bytes
-    signature: bytes
-    path: Path
-
-
-class ArtifactStore:
-    """Versioned directories; a version appears only once fully written (temp dir + rename)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def _dir(self, version: int) -> Path:
-        return self.root / f"v{version:06d}"
-
-    def versions(self) -> list[int]:
-        return sorted(int(p.name[1:]) for p in self.root.glob("v[0-9]*") if p.is_dir() and p.name[1:].isdigit())
-
-    def write(self, manifest: Manifest, canonical: bytes, signature: bytes, data: bytes) -> Published:
-        final = self._dir(manifest.version)
-        tmp = self.root / f".tmp-v{manifest.version:06d}-{os.getpid()}"
-        tmp.mkdir(parents=True)
-        (tmp / "model.bin").write_bytes(data)
-        (tmp / "manifest.json").write_bytes(canonical)
-        (tmp / "manifest.sig").write_bytes(signature)
-        os.replace(tmp, final)
-        return self.read(manifest.version)
-
-    def read(self, version: int) -> Published:
-        d = self._dir(version)
-        canonical = (d / "manifest.json").read_bytes()
-        return Published(Manifest.parse(canonical), canonical, (d / "manifest.sig").read_bytes(), d / "model.bin")
 
 
 class Registry(edge_pb2_grpc.EdgeRegistryServicer, edge_pb2_grpc.RegistryAdminServicer):
@@ -95,7 +57,7 @@ class Registry(edge_pb2_grpc.EdgeRegistryServicer, edge_pb2_grpc.RegistryAdminSe
         self.store = ArtifactStore(self.workdir / "artifacts")
         self._cond = threading.Condition()
         versions = self.store.versions()
-        self._latest: Published | None = self.store.read(versions[-1]) if versions else None
+        self._latest: StoredArtifact | None = self.store.read(versions[-1]) if versions else None
         self._devices: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -281,22 +243,3 @@ def serve(workdir: str | Path, host: str = "127.0.0.1", port: int = 0, key_path:
     done.wait()
     registry.stop()
     server.stop(grace=1.0).wait()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="fedge model registry (edge deployment service)")
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--key", default=None, help="Ed25519 private key PEM (created if missing)")
-    parser.add_argument("--publish", default=None, help="ONNX file to publish as the first version")
-    parser.add_argument("--tls-certificate", type=Path, default=None, help="PEM certificate chain: serve TLS only")
-    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-certificate")
-    args = parser.parse_args(argv)
-    serve(args.workdir, args.host, args.port, args.key, publish=args.publish, tls_certificate=args.tls_certificate,
-          tls_key=args.tls_key)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

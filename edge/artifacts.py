@@ -1,8 +1,8 @@
-"""Signed model artifacts: the manifest the registry signs and the edge agent verifies.
+"""Signed model artifacts: the manifest the registry signs and the edge agent verifies, and their folders on disk.
 
-Both roles need the exact same canonical bytes, hashing and Ed25519 checks, so
-they live in the core: the registry signs, the agent verifies, and neither
-imports the other.
+The registry signs and the agent verifies the same canonical bytes, and both
+keep each version in the same folder layout (`ArtifactStore`), so a version on
+a device is byte for byte what the registry stored.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import builtins
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -171,3 +172,65 @@ def verify_model(data: bytes, manifest: Manifest) -> None:
     digest = sha256_hex(data)
     if digest != manifest.model_sha256:
         raise ArtifactError(f"model for v{manifest.version} hashes to {digest[:12]}..., manifest says {manifest.model_sha256[:12]}...")
+
+
+# ---- on disk ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """One version on disk: its manifest, the exact signed bytes and signature, and where the model bytes are."""
+
+    manifest: Manifest
+    canonical: builtins.bytes
+    signature: builtins.bytes
+    path: Path
+
+
+class ArtifactStore:
+    """Versions as folders `ROOT/v000001/` (model.bin, manifest.json, manifest.sig).
+
+    A version appears only once fully written (a hidden temporary folder, then a
+    rename), so a crash or a concurrent reader never sees half of one.
+    """
+
+    MODEL, MANIFEST, SIGNATURE = "model.bin", "manifest.json", "manifest.sig"
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def folder(self, version: int) -> Path:
+        return self.root / f"v{version:06d}"
+
+    def model_path(self, version: int) -> Path:
+        return self.folder(version) / self.MODEL
+
+    def versions(self) -> list[int]:
+        return sorted(int(p.name[1:]) for p in self.root.glob("v[0-9]*") if p.is_dir() and p.name[1:].isdigit())
+
+    def write(self, manifest: Manifest, canonical: builtins.bytes, signature: builtins.bytes,
+              data: builtins.bytes) -> StoredArtifact:
+        """Store a version (replacing a leftover of the same number); `canonical` and `signature` as received."""
+        final = self.folder(manifest.version)
+        tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
+        tmp.mkdir()
+        (tmp / self.MODEL).write_bytes(data)
+        (tmp / self.MANIFEST).write_bytes(canonical)
+        (tmp / self.SIGNATURE).write_bytes(signature)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return StoredArtifact(manifest, canonical, signature, self.model_path(manifest.version))
+
+    def read(self, version: int, key: Ed25519PublicKey | None = None) -> StoredArtifact:
+        """A stored version; with `key`, its manifest must verify against it (what a device trusts after a restart)."""
+        folder = self.folder(version)
+        canonical = (folder / self.MANIFEST).read_bytes()
+        signature = (folder / self.SIGNATURE).read_bytes()
+        manifest = verify_manifest(canonical, signature, key) if key is not None else Manifest.parse(canonical)
+        return StoredArtifact(manifest, canonical, signature, self.model_path(version))
+
+    def remove(self, version: int) -> None:
+        shutil.rmtree(self.folder(version), ignore_errors=True)

@@ -1,0 +1,309 @@
+"""The edge agent: serves a model, watches the registry, and swaps in verified, canary-checked versions.
+
+Guarantees: it never serves an artifact whose manifest signature (pinned
+registry key) or sha256 does not verify, and checks the signature before
+downloading anything; a new version serves only after it passes a canary
+batch; the swap is one reference assignment, so a request sees either the old
+model or the new one; the last good model stays loaded for rollback; downloads
+resume from the bytes already on disk after a crash; after a restart it serves
+the last model it verified, re-verified from disk.
+
+`EdgeAgent` composes the pieces: `store` (disk), `fetch` (download),
+`canary`, `serving` and `telemetry`. `fedge edge agent` runs one
+(`run_agent`). What runs on a device imports neither torch nor peft.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from fedge.edge.agent.canary import Canary, CanaryError
+from fedge.edge.agent.fetch import DownloadIncomplete, Fetcher
+from fedge.edge.agent.serving import Served, Serving
+from fedge.edge.agent.store import AgentStore, artifact_key, notice_key
+from fedge.edge.agent.telemetry import Reporter, sample_batch
+from fedge.edge.artifacts import WEIGHTS_FORMAT, ArtifactError, Manifest, load_public_key, verify_manifest, verify_model
+from fedge.edge.runtime import Model, choose_runtime, load_model
+from fedge.edge.tls import open_channel
+from fedge.protos import edge_pb2, edge_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentConfig:
+    registry: str
+    device_id: str
+    workdir: Path
+    public_key: Path
+    data: Path | None = None          # .npz with `x` (inputs) and optionally `y` (labels)
+    tier: str = "mid"
+    runtime: str | None = None        # default: best available (see fedge.edge.runtime)
+    threads: int = 1                  # ONNX Runtime intra-op threads per agent
+    chunk_size: int = 256 * 1024
+    chunk_delay_s: float = 0.0        # throttle downloads (a slow link, for tests and demos)
+    canary_size: int = 64
+    min_canary_accuracy: float = 0.0  # absolute floor where labels exist
+    max_accuracy_drop: float = 0.25   # allowed canary-accuracy drop against the serving model
+    serve_batch: int = 1
+    serve_passes: int = 0             # passes over the local data per version (0: forever)
+    serve_interval_s: float = 0.005
+    report_interval_s: float = 1.0
+    max_fetch_attempts: int = 5
+    root_certificates: Path | None = None  # the registry's CA (PEM): TLS; None: plaintext
+
+
+class EdgeAgent:
+    """One device: restores its last verified model, then watches, fetches, checks, swaps, serves and reports."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.workdir = Path(config.workdir)
+        self.store = AgentStore(self.workdir, load_public_key(Path(config.public_key)))
+        self.runtime = choose_runtime(config.runtime)
+        self.x, self.y = _load_data(config.data)
+        self.rejected: dict[int, str] = {}  # last refusal reason per version (reported, and for operators)
+        self._stop = threading.Event()
+        self.serving = Serving(on_failure=self.rollback)
+        self.canary = Canary(self.x, self.y, config.canary_size, config.min_canary_accuracy, config.max_accuracy_drop)
+        self.channel = open_channel(config.registry, config.root_certificates)
+        self.stub = edge_pb2_grpc.EdgeRegistryStub(self.channel)
+        self.fetcher = Fetcher(self.stub, config.device_id, self.workdir / "downloads", chunk_size=config.chunk_size,
+                               chunk_delay_s=config.chunk_delay_s, max_attempts=config.max_fetch_attempts, stop=self._stop)
+        self.reporter = Reporter(self.stub, config.device_id, self.runtime, self.serving,
+                                 interval_s=config.report_interval_s, stop=self._stop)
+        self._watch_call: grpc.Call | None = None
+        self._threads: list[threading.Thread] = []
+        self._restore()
+
+    @property
+    def serving_version(self) -> int:
+        return self.serving.version
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """Logits and the version that produced them; raises if nothing verified is loaded yet."""
+        return self.serving.predict(x)
+
+    def _restore(self) -> None:
+        """Serve the last model this device verified, after a restart, re-verifying it from disk."""
+        try:
+            stored = self.store.current()
+            if stored is None:
+                return
+            manifest, data = stored
+            served = Served(manifest.version, manifest, load_model(data, self.runtime, self.config.threads), None)
+        except (OSError, ValueError, ArtifactError) as err:
+            log.warning("%s: stored model does not verify (%s); starting without one", self.config.device_id, err)
+            return
+        self.serving.swap(served)
+        log.info("%s: restored v%d from disk", self.config.device_id, served.version)
+
+    def rollback(self, reason: str) -> bool:
+        """Return to the last good model (after a live failure of the new one)."""
+        pair = self.serving.rollback()
+        if pair is None:
+            return False
+        failed, good = pair
+        self.store.set_current(good.version)
+        self.rejected[failed.version] = reason
+        self.store.refuse(artifact_key(failed.manifest))
+        self.reporter.event(failed.version, "rolled_back", reason)
+        log.warning("%s: rolled back v%d -> v%d: %s", self.config.device_id, failed.version, good.version, reason)
+        return True
+
+    # ---- deployments ---------------------------------------------------------------------------------
+
+    def handle_notice(self, notice: edge_pb2.DeploymentNotice) -> str:
+        """Verify, download, check and swap one announced version.
+
+        Returns "deployed", "refused", "skipped" (old or already refused) or
+        "incomplete" (the download was cut; retry after reconnecting).
+        A refusal is remembered by the notice's content, not its version
+        number, so a forged notice cannot block the genuine version.
+        """
+        forged_key = notice_key(notice.manifest, notice.signature)
+        if self.store.is_refused(forged_key):
+            return "skipped"
+        try:
+            manifest = verify_manifest(notice.manifest, notice.signature, self.store.public_key)
+            if manifest.version != notice.version:
+                raise ArtifactError(f"notice says v{notice.version}, signed manifest says v{manifest.version}")
+        except ArtifactError as err:
+            self.store.refuse(forged_key)
+            self._reject(notice.version, f"manifest refused: {err}")
+            return "refused"
+        key = artifact_key(manifest)
+        if manifest.version <= self.serving_version or self.store.is_refused(key):
+            return "skipped"
+        try:
+            data = self.fetcher.download(manifest)
+            if manifest.format == WEIGHTS_FORMAT:
+                data = self._apply_weight_update(manifest, data)
+            model = self._load(manifest, data)
+            accuracy = self.canary.check(model, self.serving.served)
+        except DownloadIncomplete as err:
+            log.warning("%s: v%d not complete yet: %s", self.config.device_id, manifest.version, err)
+            return "incomplete"  # not a refusal: the next notice (after reconnecting) resumes it
+        except Exception as err:  # noqa: BLE001 - whatever fails on an untrusted artifact is a refusal
+            self.store.refuse(key)
+            self._reject(manifest.version, _refusal(err))
+            return "refused"
+        self.store.save(manifest, notice.manifest, notice.signature, data)
+        self.serving.swap(Served(manifest.version, manifest, model, accuracy))
+        self.store.prune(self.serving.kept_versions())
+        self.reporter.event(manifest.version, "deployed")
+        log.info("%s: serving v%d (%s)", self.config.device_id, manifest.version, self.runtime)
+        return "deployed"
+
+    def _load(self, manifest: Manifest, data: bytes) -> Model:
+        """The candidate on this device's runtime; a weight update on TensorRT refits a copy of the serving engine."""
+        served = self.serving.served
+        refit = getattr(served.model, "with_weights", None) if served else None
+        if manifest.format == WEIGHTS_FORMAT and callable(refit):
+            model: Model = refit(data)
+            return model
+        return load_model(data, self.runtime, self.config.threads)
+
+    def _apply_weight_update(self, manifest: Manifest, payload: bytes) -> bytes:
+        """Rebuild the full model from the serving one plus changed weights; it must hash to the signed target."""
+        from fedge.edge.weights import apply_initializers, decode_weights
+
+        served = self.serving.served
+        base_version = int(manifest.metadata["base_version"])
+        if served is None or served.version != base_version:
+            raise ArtifactError(f"update is against v{base_version}, this device serves v{self.serving_version}")
+        if served.manifest.model_sha256 != manifest.metadata["base_sha256"]:
+            raise ArtifactError("update's base sha256 differs from the serving model's")
+        data = apply_initializers(self.store.model_bytes(served.manifest), decode_weights(payload))
+        verify_model(data, manifest)
+        return data
+
+    def _reject(self, version: int, reason: str) -> None:
+        self.rejected[version] = reason
+        self.reporter.event(version, "rejected", reason)
+        log.warning("%s: refused v%d, still serving v%d: %s", self.config.device_id, version, self.serving_version, reason)
+
+    # ---- registry conversation ------------------------------------------------------------------------
+
+    def register(self) -> None:
+        profile = edge_pb2.DeviceProfile(device_id=self.config.device_id, tier=self.config.tier, runtime=self.runtime,
+                                         capabilities=self._capabilities(), serving_version=self.serving_version)
+        self.stub.Register(profile, timeout=10)
+
+    def _capabilities(self) -> list[str]:
+        caps = ["fp32", "int8"]
+        if self.runtime != "onnxruntime-cpu":
+            caps += ["fp16", "gpu"]
+        return caps
+
+    def upload_samples(self, x: np.ndarray, y: np.ndarray | None = None) -> int:
+        """Send inputs with the serving model's probabilities and entropy up (for cloud-side adaptation)."""
+        logits, version = self.predict(x)
+        return int(self.stub.UploadSamples(sample_batch(self.config.device_id, version, x, logits, y), timeout=30).stored)
+
+    def _watch_loop(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                self.register()
+                call = self.stub.WatchDeployments(
+                    edge_pb2.WatchRequest(device_id=self.config.device_id, known_version=self.serving_version))
+                self._watch_call = call
+                backoff = 0.2
+                for notice in call:
+                    if self._stop.is_set():
+                        break
+                    if self.handle_notice(notice) == "incomplete":
+                        break  # an interrupted download: reconnect, get the notice again, resume
+            except grpc.RpcError as err:
+                if self._stop.is_set():
+                    break
+                log.info("%s: registry unavailable (%s); retrying", self.config.device_id,
+                         err.code() if hasattr(err, "code") else err)
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _serving_loop(self) -> None:
+        if self.x is not None:
+            self.serving.replay(self.x, self.y, batch=self.config.serve_batch, passes=self.config.serve_passes,
+                                interval_s=self.config.serve_interval_s, stop=self._stop)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self) -> list[threading.Thread]:
+        self._threads = [threading.Thread(target=t, name=f"agent-{n}", daemon=True) for n, t in
+                         (("watch", self._watch_loop), ("serve", self._serving_loop), ("report", self.reporter.loop))]
+        for t in self._threads:
+            t.start()
+        return self._threads
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.reporter.wake()
+        call = self._watch_call
+        if call is not None:
+            call.cancel()
+        for t in self._threads:
+            t.join(timeout=5)
+        try:
+            self.reporter.report()
+        except grpc.RpcError:
+            pass
+        self.channel.close()
+
+
+def _load_data(path: Path | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if path is None:
+        return None, None
+    with np.load(path) as npz:
+        x = np.asarray(npz["x"], dtype=np.float32)
+        y = np.asarray(npz["y"], dtype=np.int64) if "y" in npz.files else None
+    return x, y
+
+
+def _refusal(err: Exception) -> str:
+    """A refusal reason that says which check failed."""
+    if isinstance(err, CanaryError):
+        return f"canary failed: {err}"
+    if isinstance(err, ArtifactError):
+        return f"artifact refused: {err}"
+    return f"could not load: {type(err).__name__}: {err}"
+
+
+def run_agent(
+    registry_address: str,
+    device_id: str,
+    *,
+    public_key: str | Path,
+    workdir: str | Path,
+    data: str | Path | None = None,
+    tier: str = "mid",
+    runtime: str | None = None,
+    duration_s: float | None = None,
+    root_certificates: str | Path | None = None,
+    **options: float,
+) -> None:
+    """Run one edge agent until SIGINT/SIGTERM (or `duration_s`); `fedge edge agent --registry HOST:PORT`.
+
+    `options` are further `AgentConfig` fields (chunk_size, chunk_delay_s, canary_size, ...).
+    """
+    config = AgentConfig(registry=registry_address, device_id=device_id, workdir=Path(workdir),
+                         public_key=Path(public_key), data=Path(data) if data else None, tier=tier, runtime=runtime,
+                         root_certificates=Path(root_certificates) if root_certificates else None,
+                         **options)  # type: ignore[arg-type]
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s agent {device_id} %(message)s")  # no-op if set up
+    agent = EdgeAgent(config)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    print(f"AGENT {device_id} runtime={agent.runtime} serving=v{agent.serving_version}", flush=True)
+    agent.start()
+    done.wait(duration_s)
+    agent.stop()

@@ -1,0 +1,61 @@
+"""The canary: a verified candidate runs on a few local inputs and must behave before it may serve.
+
+It must give one row of finite logits per input, as many classes as the serving
+model, not collapse to one class, and (where labels exist) reach an absolute
+accuracy floor and not fall more than `max_accuracy_drop` below the serving model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedge.edge.agent.serving import Served
+from fedge.edge.runtime import Model
+
+
+class CanaryError(Exception):
+    """A verified artifact that nonetheless must not serve (non-finite, wrong shape, collapsed, worse)."""
+
+
+@dataclass(frozen=True)
+class Canary:
+    """The first `size` local samples (`y` may be None: unlabelled) and the accuracy bounds."""
+
+    x: np.ndarray | None
+    y: np.ndarray | None
+    size: int
+    min_accuracy: float
+    max_accuracy_drop: float
+
+    def check(self, candidate: Model, current: Served | None) -> float | None:
+        """Raise CanaryError unless `candidate` may replace `current`; its canary accuracy (if labelled)."""
+        if self.x is None:
+            return None
+        x = self.x[: self.size]
+        out = candidate.predict(x)
+        if out.ndim != 2 or out.shape[0] != len(x):
+            raise CanaryError(f"output shape {out.shape} for a batch of {len(x)}")
+        if current is not None:
+            expected = current.model.predict(x[:1]).shape[1]
+            if out.shape[1] != expected:
+                raise CanaryError(f"{out.shape[1]} classes, serving model has {expected}")
+        if not np.isfinite(out).all():
+            raise CanaryError("non-finite outputs")
+        pred = out.argmax(1)
+        if self.y is None:
+            return None
+        y = self.y[: len(x)]
+        if len(x) >= 10 and len(np.unique(pred)) == 1 and len(np.unique(y)) > 1:
+            raise CanaryError(f"collapsed: predicts class {int(pred[0])} for all {len(x)} canary inputs")
+        accuracy = float((pred == y).mean())
+        if accuracy < self.min_accuracy:
+            raise CanaryError(f"accuracy {accuracy:.3f} below the floor {self.min_accuracy:.3f}")
+        if current is not None:
+            baseline = current.canary_accuracy
+            if baseline is None:
+                baseline = float((current.model.predict(x).argmax(1) == y).mean())
+            if accuracy < baseline - self.max_accuracy_drop:
+                raise CanaryError(f"accuracy {accuracy:.3f} vs {baseline:.3f} for the serving model")
+        return accuracy
