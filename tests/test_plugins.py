@@ -23,8 +23,22 @@ def test_a_registry_names_what_it_knows_when_a_name_is_missing() -> None:
         things.register("one", 2)
 
 
+@pytest.fixture
+def registries():
+    """The plug-in's registrations end with the test (the registries are per process)."""
+    from fedge.codecs import CODECS
+    from fedge.methods import METHODS
+    from fedge.scenario import SCENARIOS
+
+    saved = [(r, dict(r._items)) for r in (CODECS, METHODS, SCENARIOS)]
+    yield
+    for registry, items in saved:
+        registry._items = items
+
+
 @pytest.mark.slow
-def test_a_plugin_codec_method_and_scenario_run_a_federation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_plugin_codec_method_and_scenario_run_a_federation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              registries: None) -> None:
     monkeypatch.syspath_prepend(str(PLUGINS))
     monkeypatch.setenv("PYTHONPATH", f"{PLUGINS}:{__import__('os').environ.get('PYTHONPATH', '')}")
     monkeypatch.setenv(PLUGINS_ENV, "fedge_toy_plugin")  # Flower's simulation workers inherit both
