@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 S = TypeVar("S", bound="ConfigSection")
 
@@ -43,7 +43,7 @@ class ConfigSection:
         return [f.name.replace("_", "-") for f in fields(cls)]  # type: ignore[arg-type]
 
     @classmethod
-    def from_config(cls: type[S], values: Mapping[str, Any]) -> S:
+    def from_config(cls, values: Mapping[str, Any]) -> Self:
         """The section from `values` (kebab-case keys; keys of other sections are not looked at)."""
         parsed: dict[str, Any] = {}
         for f in fields(cls):  # type: ignore[arg-type]

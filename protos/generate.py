@@ -29,8 +29,8 @@ def _generate(out_dir: Path) -> list[Path]:
     for path in sorted(out_dir.glob("*_pb2*.py*")):
         text = path.read_text()
         # Generated modules import siblings as top-level modules; make them package-relative.
-        text = re.sub(r"^import (\w+_pb2) as ", r"from . import \1 as ", text, flags=re.M)
-        text = re.sub(r"^import (\w+_pb2)$", r"from . import \1", text, flags=re.M)
+        text = re.sub(r"^import (\w+_pb2) as ", r"from . import \1 as ", text, flags=re.MULTILINE)
+        text = re.sub(r"^import (\w+_pb2)$", r"from . import \1", text, flags=re.MULTILINE)
         path.write_text(text)
         written.append(path)
     return written

@@ -107,7 +107,7 @@ def create_credentials(folder: str | Path, nodes: int = 3, hosts: list[str] | No
     """Write ca.crt/ca.key, server.pem/server.key (SANs: loopback plus `hosts`) and node-<i>.key/.pub."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key, ca_cert = _ca(now)
     names = [*(hosts or []), *DEFAULT_HOSTS] if hosts else list(DEFAULT_HOSTS)
     server_key, server_cert = _server(now, ca_key, ca_cert, names)

@@ -26,8 +26,8 @@ def deploy_local(
 ) -> None:
     """Run one federation on Flower's deployment runtime: a SuperLink and N SuperNodes on loopback, via `flwr run`."""
     from fedge.methods import available_methods
-    from fedge.server.local_deployment import run_local
     from fedge.results import final_table, round_table
+    from fedge.server.local_deployment import run_local
 
     if method not in available_methods():
         raise typer.BadParameter(f"unknown method {method!r}; known: {', '.join(available_methods())}",

@@ -17,7 +17,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import tomli_w
 
@@ -174,7 +174,7 @@ class LocalDeployment:
             proc.stop()
         self.stop_superlink()
 
-    def __enter__(self) -> LocalDeployment:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

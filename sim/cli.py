@@ -30,7 +30,7 @@ def method_configs(names: list[str], common: dict[str, Any], items: list[str]) -
     configs = {name: dict(common, method=name) for name in names}
     for key, value in parse_config_args(items).items():
         section, dot, rest = key.partition(".")
-        if key in RunSettings.keys():
+        if key in RunSettings:
             targets = {name: key for name in names}
         elif dot:
             if section not in names:
@@ -38,13 +38,13 @@ def method_configs(names: list[str], common: dict[str, Any], items: list[str]) -
                                          param_hint="--run-config")
             targets = {section: rest}
         else:
-            targets = {name: key for name in names if key in get_method(name).options.keys()}
+            targets = {name: key for name in names if key in get_method(name).options}
             if not targets:
-                valid = sorted({*RunSettings.keys(), *(k for n in names for k in get_method(n).options.keys())})
+                valid = sorted({*RunSettings.keys(), *(k for n in names for k in get_method(n).options)})
                 raise typer.BadParameter(f"no method run uses {key!r}; valid keys: {', '.join(valid)}",
                                          param_hint="--run-config")
         for name, own in targets.items():
-            configs[name][own if own in RunSettings.keys() else f"{name}.{own}"] = value
+            configs[name][own if own in RunSettings else f"{name}.{own}"] = value
     for config in configs.values():
         try:
             resolve(config)
@@ -179,7 +179,8 @@ def bench_edge(
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
 ) -> None:
     """PyTorch eager vs ONNX Runtime fp32/INT8 latency; full artifact vs weight-only push through the registry."""
-    from fedge.sim.bench_edge import bench_edge as run_bench, print_tables
+    from fedge.sim.bench_edge import bench_edge as run_bench
+    from fedge.sim.bench_edge import print_tables
 
     result = run_bench(scenario, repeats=repeats, threads=threads)
     print_tables(result, console=console)

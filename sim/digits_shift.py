@@ -25,10 +25,10 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedge.tiers import tier_for
 from fedge.scenario import ClientData
 from fedge.sim.partition import dirichlet_partition
 from fedge.sim.shifts import CameraShift
+from fedge.tiers import tier_for
 from fedge.training import train_epochs
 
 IMAGE_SIZE = 32
@@ -124,7 +124,7 @@ class DigitsShift:
         images = shift.apply(x_t[idx], rng)
         labels = y_t[idx]
         order = rng.permutation(len(idx))
-        n_test = max(2, int(round(self.test_fraction * len(idx))))
+        n_test = max(2, round(self.test_fraction * len(idx)))
         test, train = order[:n_test], order[n_test:]
 
         def ds(sel: np.ndarray) -> TensorDataset:
@@ -140,13 +140,13 @@ class DigitsShift:
             "seed": self.seed,
             "alpha": self.alpha,
             "image_size": IMAGE_SIZE,
-            "source_samples": int(len(y_s)),
-            "target_samples": int(len(y_t)),
+            "source_samples": len(y_s),
+            "target_samples": len(y_t),
             "num_partitions": num_partitions,
             "clients": [
                 {
                     "partition_id": p,
-                    "samples": int(len(part)),
+                    "samples": len(part),
                     "tier": tier_for(p).tier,
                     "shift": self.client_shift(p).to_dict(),
                 }

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from fedge.results import ClientEval, fleet_accuracy
 from fedge.methods.plain import product_gap
+from fedge.results import ClientEval, fleet_accuracy
 
 
 def _lora(rng, a_scale=1.0):

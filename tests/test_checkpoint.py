@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fedge.server.checkpoints import Checkpoint, RunCheckpoints, config_hash, load_checkpoint, save_checkpoint
-from fedge.settings import RunSettings
 from fedge.server.nodes import required_replies
+from fedge.settings import RunSettings
 
 
 def _ckpt(server_round: int, value: float, state: dict | None = None) -> Checkpoint:

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from fedge.state import to_record
 from fedge.messages import message_wire_bytes
+from fedge.state import to_record
 
 
 @pytest.fixture(autouse=True)

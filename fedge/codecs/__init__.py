@@ -7,7 +7,7 @@ sets each section's coded size beside its Shannon bound. One module per codec,
 registered by `@register_codec`; shared stages live in `primitives/`.
 """
 
-from fedge.codecs import blockquant, dense, fedzip, flasc, ternary  # noqa: F401,E402  (register the built-in codecs)
+from fedge.codecs import blockquant, dense, fedzip, flasc, ternary  # noqa: F401  (register the built-in codecs)
 from fedge.codecs.base import Codec, CodecError, Encoded, Section, TensorSpec, specs_of
 from fedge.codecs.registry import CODECS, available_codecs, build_codec, known_codecs, register_codec
 from fedge.codecs.report import entropy_report

@@ -117,6 +117,14 @@ def to_int(value: object, name: str) -> int:
     return int(f)
 
 
+def to_fraction(value: object, name: str) -> float:
+    """A kept fraction of an update: a number in (0, 1] (parameters arrive as numbers or strings)."""
+    f = float(value)  # type: ignore[arg-type]
+    if not 0.0 < f <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return f
+
+
 def fmt_float(value: float) -> str:
     """A float as a string that parses back to the identical value."""
     return repr(float(value))

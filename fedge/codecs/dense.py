@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -32,4 +33,4 @@ class DenseCodec:
             raise CodecError(f"dense payload has {len(payload)} bytes, the specs need {4 * total}")
         flat = np.frombuffer(payload, dtype="<f4").astype(np.float32)
         bounds = np.cumsum([0] + [s.size for s in specs])
-        return assemble(specs, [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+        return assemble(specs, [flat[a:b] for a, b in itertools.pairwise(bounds)])

@@ -7,7 +7,17 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedge.codecs.base import CodecError, Encoded, TensorSpec, assemble, flat_f32, fmt_float, specs_of, to_int
+from fedge.codecs.base import (
+    CodecError,
+    Encoded,
+    TensorSpec,
+    assemble,
+    flat_f32,
+    fmt_float,
+    specs_of,
+    to_fraction,
+    to_int,
+)
 from fedge.codecs.primitives.entropy import decode_symbols, encode_symbols, shannon_bytes
 from fedge.codecs.primitives.frame import PayloadReader, PayloadWriter
 from fedge.codecs.primitives.kmeans import kmeans_1d
@@ -28,11 +38,9 @@ class FedZipCodec:
     version = 1
 
     def __init__(self, z: float = 0.2, clusters: int = 3, iters: int = 5) -> None:
-        self.z = float(z)
+        self.z = to_fraction(z, "fedzip z")
         self.clusters = to_int(clusters, "clusters")
         self.iters = to_int(iters, "iters")
-        if not 0.0 < self.z <= 1.0:
-            raise ValueError(f"fedzip z must be in (0, 1], got {z}")
         if not 2 <= self.clusters <= 256:
             raise ValueError(f"fedzip clusters must be in [2, 256], got {clusters}")
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedge.codecs.base import Encoded, TensorSpec, assemble, flat_f32, fmt_float, specs_of
+from fedge.codecs.base import Encoded, TensorSpec, assemble, flat_f32, fmt_float, specs_of, to_fraction
 from fedge.codecs.primitives.frame import PayloadReader, PayloadWriter
 from fedge.codecs.primitives.positions import read_positions, write_positions
 from fedge.codecs.primitives.select import keep_count, topk_indices
@@ -33,9 +33,7 @@ class FlascCodec:
     version = 1
 
     def __init__(self, density: float = 1 / 16, value_dtype: str = "float32") -> None:
-        self.density = float(density)
-        if not 0.0 < self.density <= 1.0:
-            raise ValueError(f"flasc density must be in (0, 1], got {density}")
+        self.density = to_fraction(density, "flasc density")
         if value_dtype not in _VALUE_DTYPES:
             raise ValueError(f"flasc value_dtype must be one of {sorted(_VALUE_DTYPES)}, got {value_dtype!r}")
         self.value_dtype = value_dtype

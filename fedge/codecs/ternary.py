@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedge.codecs.base import CodecError, Encoded, TensorSpec, assemble, flat_f32, fmt_float, specs_of
+from fedge.codecs.base import CodecError, Encoded, TensorSpec, assemble, flat_f32, fmt_float, specs_of, to_fraction
 from fedge.codecs.primitives.entropy import decode_symbols, encode_symbols, shannon_bytes
 from fedge.codecs.primitives.frame import PayloadReader, PayloadWriter
 from fedge.codecs.primitives.positions import read_positions, write_positions
@@ -32,9 +32,7 @@ class TernaryCodec:
     version = 1
 
     def __init__(self, k: float = 0.2, scale: str = "l2", alpha: float = 1.0) -> None:
-        self.k = float(k)
-        if not 0.0 < self.k <= 1.0:
-            raise ValueError(f"ternary k must be in (0, 1], got {k}")
+        self.k = to_fraction(k, "ternary k")
         if scale not in _SCALE_RULES:
             raise ValueError(f"ternary scale must be one of {_SCALE_RULES}, got {scale!r}")
         self.scale = scale

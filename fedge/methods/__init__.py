@@ -7,6 +7,7 @@ same way, from a module named in FEDGE_PLUGINS or the `fedge.methods`
 entry-point group.
 """
 
+from fedge.methods import compressed, flasc, pfedgate, plain  # noqa: F401  (register the built-in methods)
 from fedge.methods.base import (
     METHODS,
     Job,
@@ -20,7 +21,6 @@ from fedge.methods.base import (
     resolve,
     sampling,
 )
-from fedge.methods import compressed, flasc, pfedgate, plain  # noqa: F401,E402  (register the built-in methods)
 
 __all__ = ["METHODS", "Job", "Method", "RunSpec", "available_methods", "evaluate_global", "get_method",
            "receive_arrays", "register_method", "resolve", "sampling"]

@@ -168,12 +168,10 @@ def resolve(config: Mapping[str, Any]) -> RunSpec:
         if not dot:
             if key not in allowed:
                 unknown.append(key)
-        elif section not in sections:
-            unknown.append(key)
-        elif rest not in get_method(section).options.keys():
+        elif section not in sections or rest not in get_method(section).options:
             unknown.append(key)
     if unknown:
-        valid = sorted(RunSettings.keys()) + [f"{method.name}.{k}" for k in method.options.keys()]
+        valid = sorted(RunSettings.keys()) + [f"{method.name}.{k}" for k in method.options]
         raise ValueError(f"run config keys {sorted(unknown)} are not used by a {method.name} run; "
                          f"valid keys: {', '.join(valid)}")
     return RunSpec(settings, method, options)

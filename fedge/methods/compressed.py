@@ -201,7 +201,7 @@ def _compressed_fedavg(spec: RunSpec, initial: OrderedDict[str, np.ndarray]) -> 
 
 def compressed_method(name: str, codec: str, options: type[ConfigSection], summary: str) -> Method:
     """A LoRA method that uploads its update through `codec` and is averaged by `CompressedFedAvg`."""
-    train: Callable[[Job, Message, Context], Message] = lambda job, msg, context: train_compressed(  # noqa: E731
+    train: Callable[[Job, Message, Context], Message] = lambda job, msg, context: train_compressed(
         job, msg, context, codec=codec)
     return Method(name, summary, payload="lora", train=train, strategy=_compressed_fedavg, options=options)
 

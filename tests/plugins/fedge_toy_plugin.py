@@ -6,6 +6,7 @@ workers alike.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ class HalfCodec:
             raise CodecError(f"toy-half payload has {len(payload)} bytes, the specs need {2 * sum(sizes)}")
         flat = np.frombuffer(payload, dtype="<f2").astype(np.float32)
         bounds = np.cumsum([0, *sizes])
-        return assemble(specs, [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+        return assemble(specs, [flat[a:b] for a, b in itertools.pairwise(bounds)])
 
 
 # ---- a method that uploads with it -----------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 
@@ -25,7 +27,7 @@ def kmeans_1d(values: np.ndarray, clusters: int = 3, iters: int = 5) -> tuple[np
     centroids = [lo + (hi - lo) * j / (clusters - 1) for j in range(clusters)]
     mids: list[float] = []
     for _ in range(max(1, iters)):
-        mids = [float(np.float32((a + b) / 2)) for a, b in zip(centroids[:-1], centroids[1:])]
+        mids = [float(np.float32((a + b) / 2)) for a, b in itertools.pairwise(centroids)]
         upper_sum, upper_count = total, n  # sum and count of values above the previous midpoint
         moved = []
         for j in range(clusters):

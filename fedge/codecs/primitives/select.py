@@ -30,7 +30,7 @@ def kth_largest(magnitude: np.ndarray, k: int) -> float:
     sample = np.sort(magnitude[:: n // _SAMPLE])[::-1]  # descending
     expect = sample.size * k / n
     margin = 5.0 * math.sqrt(expect * (1 - k / n)) + 2
-    hi_rank, lo_rank = int(expect - margin), int(math.ceil(expect + margin))
+    hi_rank, lo_rank = int(expect - margin), math.ceil(expect + margin)
     above = 0
     band_mask = None
     if hi_rank >= 0:
