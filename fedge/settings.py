@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
-S = TypeVar("S", bound="ConfigSection")
 
 
 def _coerce(default: Any, value: Any, key: str) -> Any:
@@ -39,7 +38,7 @@ class ConfigSection:
     """A dataclass of run-config keys (field `num_server_rounds` is key `num-server-rounds`)."""
 
     @classmethod
-    def keys(cls) -> list[str]:
+    def config_keys(cls) -> list[str]:
         return [f.name.replace("_", "-") for f in fields(cls)]  # type: ignore[arg-type]
 
     @classmethod

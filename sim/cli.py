@@ -30,7 +30,7 @@ def method_configs(names: list[str], common: dict[str, Any], items: list[str]) -
     configs = {name: dict(common, method=name) for name in names}
     for key, value in parse_config_args(items).items():
         section, dot, rest = key.partition(".")
-        if key in RunSettings:
+        if key in RunSettings.config_keys():
             targets = {name: key for name in names}
         elif dot:
             if section not in names:
@@ -38,13 +38,13 @@ def method_configs(names: list[str], common: dict[str, Any], items: list[str]) -
                                          param_hint="--run-config")
             targets = {section: rest}
         else:
-            targets = {name: key for name in names if key in get_method(name).options}
+            targets = {name: key for name in names if key in get_method(name).options.config_keys()}
             if not targets:
-                valid = sorted({*RunSettings.keys(), *(k for n in names for k in get_method(n).options)})
+                valid = sorted({*RunSettings.config_keys(), *(k for n in names for k in get_method(n).options.config_keys())})
                 raise typer.BadParameter(f"no method run uses {key!r}; valid keys: {', '.join(valid)}",
                                          param_hint="--run-config")
         for name, own in targets.items():
-            configs[name][own if own in RunSettings else f"{name}.{own}"] = value
+            configs[name][own if own in RunSettings.config_keys() else f"{name}.{own}"] = value
     for config in configs.values():
         try:
             resolve(config)

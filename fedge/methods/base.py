@@ -160,7 +160,7 @@ def resolve(config: Mapping[str, Any]) -> RunSpec:
     method = get_method(settings.method)
     own = {k[len(method.name) + 1:]: v for k, v in config.items() if k.startswith(method.name + ".")}
     options = method.options.from_config(own)
-    allowed = set(RunSettings.keys()) | {SERVER_ROUND_KEY, *method.protocol_keys}
+    allowed = set(RunSettings.config_keys()) | {SERVER_ROUND_KEY, *method.protocol_keys}
     sections = set(available_methods())
     unknown = []
     for key in config:
@@ -168,10 +168,10 @@ def resolve(config: Mapping[str, Any]) -> RunSpec:
         if not dot:
             if key not in allowed:
                 unknown.append(key)
-        elif section not in sections or rest not in get_method(section).options:
+        elif section not in sections or rest not in get_method(section).options.config_keys():
             unknown.append(key)
     if unknown:
-        valid = sorted(RunSettings.keys()) + [f"{method.name}.{k}" for k in method.options]
+        valid = sorted(RunSettings.config_keys()) + [f"{method.name}.{k}" for k in method.options.config_keys()]
         raise ValueError(f"run config keys {sorted(unknown)} are not used by a {method.name} run; "
                          f"valid keys: {', '.join(valid)}")
     return RunSpec(settings, method, options)
