@@ -15,7 +15,6 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Self
 
 
-
 def _coerce(default: Any, value: Any, key: str) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
