@@ -24,19 +24,25 @@ RootCertificates = Annotated[Path | None, typer.Option(help="the registry's CA (
 
 
 def export_cmd(
-    out: Annotated[Path, typer.Option(help="folder for model.onnx, model.int8.onnx, model.fp16.onnx, export.json")] = Path("fedge-out/export"),
+    out: Annotated[Path, typer.Option(help="the version's folder: model.onnx, model.int8.onnx, model.fp16.onnx, "
+                                           "reference.safetensors, bundle.json, export.json")] = Path("fedge-out/export"),
     scenario: str = "digits-shift",
     weights: Annotated[Path | None, typer.Option(help="state dict (.safetensors or torch) to load into the model")] = None,
     int8_mode: Annotated[str, typer.Option(help="qdq (calibrated, TensorRT-ready) or dynamic")] = "qdq",
-    fp16: Annotated[bool, typer.Option(help="also write an FP16 variant")] = True,
+    fp16: Annotated[bool, typer.Option(help="also write an FP16 format")] = True,
+    tensorrt_plans: Annotated[bool, typer.Option(help="also build TensorRT engine plans for this machine's GPU "
+                                                      "(where TensorRT can build)")] = False,
 ) -> None:
-    """Export a model to ONNX (checked against PyTorch), with INT8 and FP16 variants."""
+    """Export a model as one publishable version: ONNX fp32 (checked against PyTorch), INT8, FP16, a reference set."""
+    from fedge.edge.capabilities import describe
     from fedge.edge.export import export
 
-    report = export(out, scenario=scenario, weights=weights, int8_mode=int8_mode, fp16=fp16)
+    report = export(out, scenario=scenario, weights=weights, int8_mode=int8_mode, fp16=fp16,
+                    tensorrt_plans=tensorrt_plans)
     console.print(f"max |ONNX - PyTorch| {report['max_abs_diff_vs_torch']:.2e}; fp32 {report['fp32_bytes'] / 1e3:.0f} KB "
                   f"acc {report['fp32_accuracy']:.4f}; int8 {report['int8_bytes_ratio']:.1%} of fp32, acc "
-                  f"{report['int8_accuracy']:.4f}; wrote {out}")
+                  f"{report['int8_accuracy']:.4f}, top-1 agreement with fp32 {report['int8_agreement_vs_fp32']:.4f} "
+                  f"(on {describe(report['host'])}); wrote {', '.join(sorted(report['files']))} to {out}")
 
 
 @registry_app.command("serve")
@@ -45,7 +51,8 @@ def registry_serve(
     host: str = "127.0.0.1",
     port: Annotated[int, typer.Option(help="0 picks a free port; `REGISTRY HOST:PORT` and `PUBLIC_KEY PATH` are printed")] = 50051,
     key: Annotated[Path | None, typer.Option(help="Ed25519 private key PEM (default WORKDIR/registry.pem, created)")] = None,
-    publish: Annotated[Path | None, typer.Option(help="an ONNX file to publish as the first version")] = None,
+    publish: Annotated[Path | None, typer.Option(help="a version folder (`fedge export`) or an fp32 ONNX file to "
+                                                      "publish as the first version")] = None,
     tls_certificate: Annotated[Path | None, typer.Option(help="PEM certificate (e.g. `fedge certs`' server.pem): TLS only")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="its PEM private key (server.key)")] = None,
 ) -> None:
@@ -57,29 +64,35 @@ def registry_serve(
 
 @registry_app.command("publish")
 def registry_publish(
-    file: Annotated[Path, typer.Argument(help="the artifact (an ONNX file)", exists=True, dir_okay=False)],
+    path: Annotated[Path, typer.Argument(help="a version folder written by `fedge export` (every format in its "
+                                              "bundle.json), or one fp32 ONNX file", exists=True)],
     registry: RegistryAddress,
     token: Annotated[str, typer.Option(envvar="FEDGE_PUBLISH_TOKEN", help="the registry's publish token")],
-    fmt: Annotated[str, typer.Option("--format", help="onnx, onnx-int8 or onnx-fp16")] = "onnx",
     root_certificates: RootCertificates = None,
 ) -> None:
-    """Publish FILE as the registry's next version; watching agents fetch it."""
+    """Publish PATH as the registry's next version; watching agents fetch the format each one takes."""
     import grpc
 
+    from fedge.edge.artifacts import ArtifactError, read_bundle
     from fedge.edge.publish import publish
 
     try:
-        reply = publish(registry, token, file.read_bytes(), fmt, {"source": file.name},
-                        root_certificates=root_certificates)
+        formats, metadata = read_bundle(path)
+        reply = publish(registry, token, formats, metadata, root_certificates=root_certificates)
+    except ArtifactError as err:
+        console.print(f"[red]not published[/red]: {err}")
+        raise typer.Exit(1) from err
     except grpc.RpcError as err:
         console.print(f"[red]not published[/red]: {err.code().name}: {err.details()}")
         raise typer.Exit(1) from err
-    console.print(f"published v{reply.version}: {reply.bytes} bytes, sha256 {reply.sha256}")
+    listed = ", ".join(f"{f.format} {f.bytes}" for f in reply.formats)
+    console.print(f"published v{reply.version}: {listed} bytes; manifest sha256 {reply.sha256}")
 
 
 @registry_app.command("status")
 def registry_status(registry: RegistryAddress, root_certificates: RootCertificates = None) -> None:
-    """The registry's fleet: each device's tier, runtime, serving version and when it was last seen."""
+    """The registry's fleet: each device's tier, runtime, CPU, the version and format it serves, what it refused
+    of that version, and when it was last seen."""
     import grpc
     from rich.table import Table
 
@@ -92,13 +105,18 @@ def registry_status(registry: RegistryAddress, root_certificates: RootCertificat
         raise typer.Exit(1) from err
     table = Table(title=f"{registry}: latest v{status.latest_version}, {len(status.devices)} device(s)",
                   title_justify="left")
-    for column in ("device", "tier", "runtime", "serving", "last seen"):
+    for column in ("device", "tier", "runtime", "serving", "format", "takes", "int8 kernel", "refused", "last seen"):
         table.add_column(column)
     now = time.time()
     for device in status.devices:
-        serving = f"v{device.last_telemetry.serving_version}" if device.HasField("last_telemetry") else "-"
-        table.add_row(device.profile.device_id, device.profile.tier, device.profile.runtime, serving,
-                      f"{max(now - device.last_seen_unix, 0.0):.1f} s ago")
+        telemetry = device.last_telemetry if device.HasField("last_telemetry") else None
+        version = telemetry.serving_version if telemetry else 0
+        refused = [f"{e.format or f'v{e.version}'}: {e.reason}" for e in device.recent_events
+                   if e.status in ("format_refused", "rejected") and e.version >= version]
+        table.add_row(device.profile.device_id, device.profile.tier, device.profile.runtime,
+                      f"v{version}" if telemetry else "-", (telemetry.format if telemetry else "") or "-",
+                      ",".join(device.profile.precisions) or "-", device.profile.capabilities.int8_kernel or "-",
+                      "; ".join(refused) or "-", f"{max(now - device.last_seen_unix, 0.0):.1f} s ago")
     console.print(table)
 
 
@@ -111,6 +129,9 @@ def edge_agent(
     data: Annotated[Path | None, typer.Option(help=".npz with x (and y) to serve and canary on")] = None,
     tier: str = "mid",
     runtime: Annotated[str | None, typer.Option(help="tensorrt, onnxruntime-tensorrt, -cuda or -cpu (default: best)")] = None,
+    precisions: Annotated[str | None, typer.Option(
+        help="the precisions this device takes, in the order it tries them, e.g. int8,fp32 "
+             "(default: what its runtime and CPU allow)")] = None,
     duration: Annotated[float | None, typer.Option(help="seconds to run (default: until interrupted)")] = None,
     root_certificates: RootCertificates = None,
     # Unset options keep the agent's own defaults (fedge.edge.agent.AgentConfig).
@@ -120,19 +141,24 @@ def edge_agent(
     canary_size: Annotated[int | None, typer.Option(help="local samples a new version must pass first")] = None,
     min_canary_accuracy: Annotated[float | None, typer.Option(help="canary accuracy floor (labelled data)")] = None,
     max_accuracy_drop: Annotated[float | None, typer.Option(help="allowed canary accuracy drop vs the serving model")] = None,
+    min_agreement: Annotated[float | None, typer.Option(help="a format's least top-1 agreement with fp32")] = None,
+    max_logit_diff: Annotated[float | None, typer.Option(
+        help="a format's largest |logit diff| from fp32, as a share of fp32's logit range")] = None,
     serve_batch: Annotated[int | None, typer.Option(help="samples per request when replaying --data")] = None,
     serve_passes: Annotated[int | None, typer.Option(help="passes over --data per version (0: forever)")] = None,
     report_interval: Annotated[float | None, typer.Option(help="seconds between telemetry reports")] = None,
 ) -> None:
-    """Run an edge agent: watch the registry, verify, canary-check and serve each new version."""
+    """Run an edge agent: watch the registry, verify each new version, choose and check its format, serve it."""
     from fedge.edge.agent import run_agent
 
     options: dict[str, Any] = {"threads": threads, "chunk_size": chunk_size, "chunk_delay_s": chunk_delay,
                                "canary_size": canary_size, "min_canary_accuracy": min_canary_accuracy,
-                               "max_accuracy_drop": max_accuracy_drop, "serve_batch": serve_batch,
+                               "max_accuracy_drop": max_accuracy_drop, "min_agreement": min_agreement,
+                               "max_logit_diff": max_logit_diff, "serve_batch": serve_batch,
                                "serve_passes": serve_passes, "report_interval_s": report_interval}
+    declared = tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None
     run_agent(registry, device_id, public_key=public_key, workdir=workdir, data=data, tier=tier, runtime=runtime,
-              duration_s=duration, root_certificates=root_certificates,
+              precisions=declared, duration_s=duration, root_certificates=root_certificates,
               **{k: v for k, v in options.items() if v is not None})
 
 

@@ -1,9 +1,10 @@
-"""Model -> verified ONNX bytes (fp32, INT8, FP16) with the checks that go into the artifact's metadata.
+"""Model -> one version's formats (ONNX fp32, INT8, FP16, the reference set, engine plans) with their checks.
 
-`export_model` merges adapters, exports, checks the graph and compares ONNX
-Runtime with PyTorch; `export` is `fedge export`: a scenario's model
-(optionally with trained weights) to files and a report. The server may import
-this module to publish what it exports; the edge agent never does (torch).
+`export_model` merges adapters, exports, checks the graph, compares ONNX
+Runtime with PyTorch, derives INT8 and FP16 and measures their agreement with
+fp32; `export` is `fedge export`: a scenario's model (optionally with trained
+weights) to a publishable folder and a report. The server may import this
+module to publish what it exports; the edge agent never does (torch).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from fedge.edge.agreement import REFERENCE_SAMPLES, agreement, reference_set
+from fedge.edge.artifacts import REFERENCE, BundleFile, format_name, write_bundle
+from fedge.edge.capabilities import detect
 from fedge.edge.runtime import ort_session
 from fedge.federated_model import merged_copy
 from fedge.scenario import load_scenario
@@ -73,7 +77,7 @@ def max_abs_diff_vs_torch(onnx_bytes: bytes, model: nn.Module, x: torch.Tensor) 
 
 
 def accuracy(onnx_bytes: bytes, x: np.ndarray, y: np.ndarray) -> float:
-    return float((run_onnx(onnx_bytes, x).argmax(1) == y).mean()) if len(y) else 0.0
+    return _accuracy(run_onnx(onnx_bytes, x), y)
 
 
 # ---- INT8 ---------------------------------------------------------------------------
@@ -180,12 +184,29 @@ def _topological_sort(graph: onnx.GraphProto) -> None:
 
 @dataclass
 class ExportResult:
-    """fp32/INT8/FP16 bytes and the checks that go into the artifact's signed metadata."""
+    """One version's formats (fp32, int8, fp16, the reference set, engine plans) and the checks made on them.
 
-    fp32: bytes
-    int8: bytes | None
-    fp16: bytes | None
+    `metadata` is the version's (flat, for reports); each format carries its own in `formats[name].metadata`.
+    """
+
+    formats: dict[str, BundleFile]
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fp32(self) -> bytes:
+        return self.formats["fp32"].data
+
+    @property
+    def int8(self) -> bytes | None:
+        return self.formats["int8"].data if "int8" in self.formats else None
+
+    @property
+    def fp16(self) -> bytes | None:
+        return self.formats["fp16"].data if "fp16" in self.formats else None
+
+    @property
+    def reference(self) -> bytes | None:
+        return self.formats[REFERENCE].data if REFERENCE in self.formats else None
 
 
 def export_model(
@@ -194,19 +215,25 @@ def export_model(
     eval_y: torch.Tensor | None = None,
     *,
     calibration_x: torch.Tensor | None = None,
+    reference_x: torch.Tensor | None = None,
     int8: bool = True,
     int8_mode: str = "auto",
     fp16: bool = True,
+    tensorrt_plans: bool = False,
     tolerance: float = 1e-4,
     architecture: str = "",
 ) -> ExportResult:
-    """Merge, export, check, compare with PyTorch, then derive INT8 and FP16 variants with their accuracy.
+    """Merge, export, check, compare with PyTorch, then derive INT8 and FP16 formats and measure them against fp32.
 
     `eval_x`/`eval_y` are held out (never used for calibration); `calibration_x`
     defaults to `eval_x` only when nothing else is given. `int8_mode` is "qdq"
     (static, calibrated: faster than fp32 on ONNX Runtime CPU and what TensorRT
     builds), "dynamic" (no calibration, slower on CPU) or "auto" (qdq when
-    `calibration_x` is given, else dynamic).
+    `calibration_x` is given, else dynamic). `reference_x` (default: the first
+    `REFERENCE_SAMPLES` of `eval_x`) becomes the version's reference set: those
+    inputs and fp32's logits on them, for devices without inputs of their own.
+    `tensorrt_plans` adds an engine plan per precision for this machine's
+    device class where TensorRT and a GPU are present.
     """
     if int8_mode == "auto":
         int8_mode = "qdq" if calibration_x is not None else "dynamic"
@@ -226,34 +253,69 @@ def export_model(
         "eval_samples": len(eval_x),
         "torch_version": torch.__version__,
         "onnx_opset": next((o.version for o in onnx.load_from_string(fp32).opset_import if o.domain in ("", "ai.onnx")), 0),
+        "host": detect().as_dict(),  # the CPU the figures below were measured on
     }
     x_np = eval_x.float().numpy()
     y_np = eval_y.numpy() if eval_y is not None else None
+    fp32_logits = run_onnx(fp32, x_np)
+    fp32_meta: dict[str, Any] = {"max_abs_diff_vs_torch": diff}
     if y_np is not None:
-        meta["fp32_accuracy"] = accuracy(fp32, x_np, y_np)
-    int8_bytes = fp16_bytes = None
+        meta["fp32_accuracy"] = fp32_meta["accuracy"] = _accuracy(fp32_logits, y_np)
+    formats = {"fp32": BundleFile(fp32, "onnx", "fp32", fp32_meta)}
+
+    def measure(name: str, data: bytes, extra: dict[str, Any]) -> None:
+        """A derived format: size, agreement with fp32 on the held-out inputs, accuracy where labelled."""
+        logits = run_onnx(data, x_np)
+        result = agreement(logits, fp32_logits)
+        fmt_meta = {**extra, "bytes_ratio": len(data) / len(fp32), "agreement_vs_fp32": asdict(result)}
+        meta.update({f"{name}_bytes": len(data), f"{name}_bytes_ratio": len(data) / len(fp32),
+                     f"{name}_max_abs_diff_vs_fp32": result.max_logit_diff, f"{name}_agreement_vs_fp32": result.top1})
+        if y_np is not None:
+            fmt_meta["accuracy"] = meta[f"{name}_accuracy"] = _accuracy(logits, y_np)
+            meta[f"{name}_accuracy_delta"] = meta[f"{name}_accuracy"] - meta["fp32_accuracy"]
+        formats[name] = BundleFile(data, "onnx", name, fmt_meta)
+
     if int8:
+        int8_meta: dict[str, Any] = {"mode": int8_mode}
         if int8_mode == "qdq":
             calib = (calibration_x if calibration_x is not None else eval_x).float().numpy()
             int8_bytes = quantize_int8_qdq(fp32, calib)
+            int8_meta.update(calibration_samples=len(calib), weight_bits=7)
             meta["int8_calibration_samples"] = len(calib)
         else:
             int8_bytes = quantize_int8_dynamic(fp32)
         meta["int8_mode"] = int8_mode
-        meta["int8_bytes"] = len(int8_bytes)
-        meta["int8_bytes_ratio"] = len(int8_bytes) / len(fp32)
-        meta["int8_max_abs_diff_vs_fp32"] = float(np.abs(run_onnx(int8_bytes, x_np) - run_onnx(fp32, x_np)).max())
-        if y_np is not None:
-            meta["int8_accuracy"] = accuracy(int8_bytes, x_np, y_np)
-            meta["int8_accuracy_delta"] = meta["int8_accuracy"] - meta["fp32_accuracy"]
+        measure("int8", int8_bytes, int8_meta)
     if fp16:
-        fp16_bytes = to_fp16(fp32)
-        meta["fp16_bytes"] = len(fp16_bytes)
-        meta["fp16_max_abs_diff_vs_fp32"] = float(np.abs(run_onnx(fp16_bytes, x_np) - run_onnx(fp32, x_np)).max())
-        if y_np is not None:
-            meta["fp16_accuracy"] = accuracy(fp16_bytes, x_np, y_np)
+        measure("fp16", to_fp16(fp32), {})
+    ref_x = (reference_x if reference_x is not None else eval_x[:REFERENCE_SAMPLES]).float().numpy()
+    fp32_session = ort_session(fp32)
+    formats[REFERENCE] = BundleFile(reference_set(lambda x: run_onnx(fp32_session, x), ref_x), "reference", "",
+                                    {"samples": len(ref_x), "held_out_from_calibration": calibration_x is not None})
+    meta["reference_samples"] = len(ref_x)
+    if tensorrt_plans:
+        formats.update(_tensorrt_plans(formats))
     meta["export_seconds"] = time.perf_counter() - start
-    return ExportResult(fp32=fp32, int8=int8_bytes, fp16=fp16_bytes, metadata=meta)
+    return ExportResult(formats=formats, metadata=meta)
+
+
+def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    return float((logits.argmax(1) == y).mean()) if len(y) else 0.0
+
+
+def _tensorrt_plans(formats: dict[str, BundleFile]) -> dict[str, BundleFile]:
+    """An engine plan per model format, for this machine's device class (none where TensorRT cannot build)."""
+    from fedge.edge import tensorrt_engine
+
+    usable, reason = tensorrt_engine.available()
+    if not usable:
+        logging.getLogger(__name__).info("no TensorRT engine plans: %s", reason)
+        return {}
+    device = tensorrt_engine.device_class()
+    return {format_name(f.precision, "tensorrt", device):
+            BundleFile(tensorrt_engine.build_engine(f.data, precision=f.precision), "tensorrt", f.precision,
+                       {"device_class": device})
+            for f in list(formats.values()) if f.kind == "onnx"}
 
 
 class _quiet_loggers:
@@ -296,11 +358,13 @@ def export(
     num_partitions: int = 4,
     int8_mode: str = "qdq",
     fp16: bool = True,
+    tensorrt_plans: bool = False,
 ) -> dict[str, Any]:
     """Export the scenario's model; check it against PyTorch on the held-out target data of every partition.
 
     Calibration (for `int8_mode="qdq"`) uses the partitions' training splits, never the evaluation data.
-    Writes model.onnx, model.int8.onnx, model.fp16.onnx and export.json; returns the report.
+    Writes a publishable version folder (model.onnx, model.int8.onnx, model.fp16.onnx, reference.safetensors,
+    engine plans where asked and possible, bundle.json) and export.json; returns the report.
     """
     sc = load_scenario(scenario)
     model = sc.base_model()
@@ -311,18 +375,11 @@ def export(
     eval_y = torch.cat([p.test.tensors[1] for p in parts])
     calib_x = torch.cat([p.train.tensors[0] for p in parts])[:512]
     result = export_model(model, eval_x, eval_y, calibration_x=calib_x, int8_mode=int8_mode, fp16=fp16,
-                          architecture=sc.architecture)
+                          tensorrt_plans=tensorrt_plans, architecture=sc.architecture)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"fp32": out / "model.onnx"}
-    files["fp32"].write_bytes(result.fp32)
-    if result.int8 is not None:
-        files["int8"] = out / "model.int8.onnx"
-        files["int8"].write_bytes(result.int8)
-    if result.fp16 is not None:
-        files["fp16"] = out / "model.fp16.onnx"
-        files["fp16"].write_bytes(result.fp16)
+    index = write_bundle(out, result.formats, result.metadata)
+    files = {name: str(out / f["file"]) for name, f in json.loads(index.read_text())["formats"].items()}
     report = {"scenario": scenario, "weights": str(weights) if weights else None, "fp32_bytes": len(result.fp32),
-              "files": {k: str(v) for k, v in files.items()}, **result.metadata}
+              "files": files, **result.metadata}
     (out / "export.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     return report

@@ -3,7 +3,8 @@
 The registry and the agents are launched through the command line
 (`fedge registry serve`, `fedge edge agent`) and reached over real gRPC on
 loopback, exactly as on separate machines; `deploy_to_edge` exports a model,
-publishes it and returns what the devices' own telemetry says.
+publishes it as one version of several formats and returns what each device
+chose and what its own telemetry says.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from typing import Any
 
 import grpc
 import numpy as np
+import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedge.edge.export import export_model
+from fedge.edge.agreement import REFERENCE_SAMPLES
+from fedge.edge.artifacts import BundleFile
+from fedge.edge.export import ExportResult, export_model
 from fedge.edge.publish import fleet_status, publish
 from fedge.processes import ChildProcess
 from fedge.protos import edge_pb2
@@ -55,27 +59,33 @@ def start_agent(address: str, device_id: str, public_key: Path, workdir: Path, d
 
 
 def wait_for_fleet(address: str, version: int, devices: list[str], min_predictions: dict[str, int] | None = None,
-                   timeout: float = 60.0) -> dict[str, edge_pb2.Telemetry]:
+                   timeout: float = 60.0) -> dict[str, edge_pb2.DeviceStatus]:
     """Poll the registry until every device reports serving `version` (and enough predictions on it)."""
     deadline = time.monotonic() + timeout
-    latest: dict[str, edge_pb2.Telemetry] = {}
+    latest: dict[str, edge_pb2.DeviceStatus] = {}
     while time.monotonic() < deadline:
         try:
             status = fleet_status(address)
         except grpc.RpcError:
             time.sleep(0.2)
             continue
-        latest = {d.profile.device_id: d.last_telemetry for d in status.devices if d.HasField("last_telemetry")}
+        latest = {d.profile.device_id: d for d in status.devices if d.HasField("last_telemetry")}
         ready = [
             d for d in devices
-            if d in latest and latest[d].serving_version == version
-            and latest[d].num_predictions >= (min_predictions or {}).get(d, 0)
+            if d in latest and latest[d].last_telemetry.serving_version == version
+            and latest[d].last_telemetry.num_predictions >= (min_predictions or {}).get(d, 0)
         ]
         if len(ready) == len(devices):
             return latest
+        refused = [d for d in devices if d in latest and any(
+            e.version == version and e.status == "rejected" for e in latest[d].recent_events)]
+        if refused:
+            reasons = {d: next(e.reason for e in latest[d].recent_events if e.version == version and e.status == "rejected")
+                       for d in refused}
+            raise DeployError(f"devices refused v{version}: {reasons}")
         time.sleep(0.2)
     raise DeployError(f"after {timeout:.0f}s not all devices serve v{version}: "
-                      f"{ {d: (t.serving_version, t.num_predictions) for d, t in latest.items()} }")
+                      f"{ {d: (s.last_telemetry.serving_version, s.last_telemetry.num_predictions) for d, s in latest.items()} }")
 
 
 def _shards(data: TensorDataset, devices: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -86,20 +96,25 @@ def _shards(data: TensorDataset, devices: int) -> list[tuple[np.ndarray, np.ndar
 
 
 def deploy_to_edge(model: nn.Module, test_data: TensorDataset, devices: int, workdir: str | Path,
-                   timeout_s: float = 90.0) -> dict[str, Any]:
-    """Export `model`, publish it to a registry, and wait until `devices` edge agents serve it.
+                   timeout_s: float = 120.0) -> dict[str, Any]:
+    """Export `model` as one version (fp32, int8, fp16, a reference set), publish it, and wait until `devices` edge
+    agents serve it, each in the smallest format that passes its checks against fp32 on its own inputs.
 
     Each agent serves its shard of `test_data` (labelled) once, request by
     request, so the returned accuracy and p50 latency (batch 1) come from the
-    devices' own telemetry.
+    devices' own telemetry, in the format each chose (results.json's "edge" entry).
     """
     if devices < 1:
         raise ValueError("devices must be >= 1")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     x_all, y_all = test_data.tensors[0], test_data.tensors[1]
-    # INT8 calibrates on the inputs the fleet will see (no labels), as a device-side calibration would.
-    result = export_model(model, x_all, y_all, calibration_x=x_all)
+    # INT8 calibrates on the inputs the fleet will see (no labels), as a device-side calibration would; the
+    # reference set is held out from calibration.
+    order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(0))
+    held_out = order[: min(REFERENCE_SAMPLES, len(x_all) // 4)]
+    calibration = order[len(held_out):] if len(order) > len(held_out) else order
+    result = export_model(model, x_all, y_all, calibration_x=x_all[calibration], reference_x=x_all[held_out])
     token = secrets.token_hex(16)
     registry, address, public_key = start_registry(workdir / "registry", token)
     agents: list[ChildProcess] = []
@@ -114,23 +129,66 @@ def deploy_to_edge(model: nn.Module, test_data: TensorDataset, devices: int, wor
                                       extra=["--serve-passes", "1"]))  # telemetry covers each sample once
             names.append(name)
             sizes[name] = len(x)
-        reply = publish(address, token, result.fp32, "onnx", result.metadata)
-        telemetry = wait_for_fleet(address, reply.version, names, sizes, timeout_s)
+        reply = publish(address, token, result.formats, result.metadata)
+        fleet = wait_for_fleet(address, reply.version, names, sizes, timeout_s)
     finally:
         for proc in agents:
             proc.stop(grace=10.0)
         registry.stop(grace=10.0)
-    deployed = sum(1 for t in telemetry.values() if t.serving_version == reply.version)
-    runtimes = sorted({t.runtime for t in telemetry.values()})
-    labelled = [(t.accuracy, t.num_predictions) for t in telemetry.values() if t.HasField("accuracy")]
+    return edge_report(result, reply, fleet)
+
+
+def edge_report(result: ExportResult, reply: edge_pb2.PublishReply,
+                fleet: dict[str, edge_pb2.DeviceStatus]) -> dict[str, Any]:
+    """results.json's "edge" entry: the version's formats as measured at export (on `host`), and each device's
+    choice, checks and telemetry."""
     meta = result.metadata
+    devices = {name: _device_report(status, reply.version) for name, status in sorted(fleet.items())}
+    labelled = [(d["accuracy"], d["predictions"]) for d in devices.values() if d["accuracy"] is not None]
+    served: dict[str, int] = {}
+    for d in devices.values():
+        served[d["format"]] = served.get(d["format"], 0) + 1
     return {
-        "devices": devices,
-        "deployed": deployed,
-        "runtime": ",".join(runtimes),
-        "artifact": {"format": "onnx", "bytes": reply.bytes, "sha256": reply.sha256,
-                     "max_abs_diff_vs_torch": float(meta["max_abs_diff_vs_torch"])},
-        "int8": {"bytes": int(meta["int8_bytes"]), "accuracy": float(meta["int8_accuracy"])},
-        "p50_latency_ms": float(np.median([t.latency_p50_ms for t in telemetry.values()])),
+        "devices": len(devices),
+        "deployed": sum(1 for d in devices.values() if d["version"] == reply.version),
+        "runtime": ",".join(sorted({d["runtime"] for d in devices.values()})),
+        "host": meta["host"],
+        "artifact": {"version": reply.version, "sha256": reply.sha256, "bytes": reply.bytes,
+                     "max_abs_diff_vs_torch": float(meta["max_abs_diff_vs_torch"]),
+                     "formats": {f.format: {"bytes": f.bytes, "sha256": f.sha256} for f in reply.formats}},
+        **{name: _format_report(f) for name, f in result.formats.items() if f.kind == "onnx"},
+        "formats_served": served,
+        "fleet": devices,
+        "p50_latency_ms": float(np.median([d["p50_latency_ms"] for d in devices.values()])),
         "accuracy": float(sum(a * n for a, n in labelled) / max(sum(n for _, n in labelled), 1)),
     }
+
+
+def _format_report(entry: BundleFile) -> dict[str, Any]:
+    meta = entry.metadata
+    report: dict[str, Any] = {"bytes": len(entry.data)}
+    for key in ("accuracy", "weight_bits", "mode"):
+        if key in meta:
+            report[key] = meta[key]
+    if "agreement_vs_fp32" in meta:
+        report["agreement_vs_fp32"] = meta["agreement_vs_fp32"]["top1"]
+        report["max_logit_diff_vs_fp32"] = meta["agreement_vs_fp32"]["max_logit_diff"]
+    return report
+
+
+def _device_report(status: edge_pb2.DeviceStatus, version: int) -> dict[str, Any]:
+    t, caps = status.last_telemetry, status.profile.capabilities
+    checks = {}
+    for e in status.recent_events:
+        if e.version == version and e.format and e.status in ("deployed", "format_refused"):
+            check: dict[str, Any] = {"passed": e.status == "deployed", "reason": e.reason}
+            if e.HasField("agreement"):
+                a = e.agreement
+                check.update(top1=a.top1, max_logit_diff=a.max_logit_diff, logit_range=a.logit_range,
+                             samples=a.samples, reference=a.reference)
+            checks[e.format] = check
+    return {"version": t.serving_version, "format": t.format, "runtime": t.runtime,
+            "precisions": list(status.profile.precisions), "machine": caps.machine, "isa": list(caps.isa),
+            "int8_kernel": caps.int8_kernel, "accuracy": t.accuracy if t.HasField("accuracy") else None,
+            "predictions": t.num_predictions, "failures": t.num_failures, "p50_latency_ms": t.latency_p50_ms,
+            "checks": checks}

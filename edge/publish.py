@@ -1,4 +1,4 @@
-"""The registry's admin API from the outside: publish an artifact or a weight-only update, read the fleet's state.
+"""The registry's admin API from the outside: publish a version or a weight-only update, read the fleet's state.
 
 What a server, a script or `fedge registry publish/status` uses; it speaks the
 wire contract (`fedge.v1.RegistryAdmin`) over gRPC, TLS when given a CA.
@@ -7,28 +7,33 @@ wire contract (`fedge.v1.RegistryAdmin`) over gRPC, TLS when given a CA.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedge.edge.artifacts import WEIGHTS_FORMAT, sha256_hex
+from fedge.edge.artifacts import REFERENCE, WEIGHTS_KIND, BundleFile, sha256_hex
 from fedge.edge.registry import TOKEN_HEADER
 from fedge.edge.tls import open_channel
-from fedge.edge.weights import changed_initializers, encode_weights
+from fedge.edge.weights import apply_initializers, changed_initializers, encode_weights
 from fedge.protos import edge_pb2, edge_pb2_grpc
 
 PUBLISH_CHUNK = 1 << 20
 
 
-def publish(address: str, token: str, data: bytes, fmt: str = "onnx", metadata: dict[str, Any] | None = None,
+def publish(address: str, token: str, formats: Mapping[str, BundleFile], metadata: dict[str, Any] | None = None,
             timeout: float = 60.0, root_certificates: Path | None = None) -> edge_pb2.PublishReply:
-    """Publish an artifact through the registry's admin service (streamed, so size is not capped by gRPC)."""
+    """Publish one version made of `formats` (streamed, so size is not capped by gRPC's message limit)."""
 
     def chunks() -> Iterator[edge_pb2.PublishChunk]:
-        yield edge_pb2.PublishChunk(format=fmt, metadata_json=json.dumps(metadata or {}, sort_keys=True),
-                                    data=data[:PUBLISH_CHUNK])
-        for i in range(PUBLISH_CHUNK, len(data), PUBLISH_CHUNK):
-            yield edge_pb2.PublishChunk(data=data[i : i + PUBLISH_CHUNK])
+        first = True
+        for name, f in formats.items():
+            yield edge_pb2.PublishChunk(
+                format=name, kind=f.kind, precision=f.precision, data=f.data[:PUBLISH_CHUNK],
+                format_metadata_json=json.dumps(f.metadata, sort_keys=True),
+                metadata_json=json.dumps(metadata or {}, sort_keys=True) if first else "")
+            first = False
+            for i in range(PUBLISH_CHUNK, len(f.data), PUBLISH_CHUNK):
+                yield edge_pb2.PublishChunk(data=f.data[i : i + PUBLISH_CHUNK])
 
     with open_channel(address, root_certificates) as channel:
         reply: edge_pb2.PublishReply = edge_pb2_grpc.RegistryAdminStub(channel).Publish(
@@ -36,17 +41,31 @@ def publish(address: str, token: str, data: bytes, fmt: str = "onnx", metadata: 
     return reply
 
 
+def weight_update(base: bytes, base_version: int, new: bytes, precision: str = "fp32") -> BundleFile:
+    """The initializers that changed from `base` (a format served as `base_version`) to `new`, as one format.
+
+    The signed target is `base` with those initializers replaced: the model `new` is, in the base's
+    initializer order (a quantizer need not keep one order between two runs).
+    """
+    changes = changed_initializers(base, new)
+    target = apply_initializers(base, changes)
+    meta = {"base_version": base_version, "base_sha256": sha256_hex(base), "target_sha256": sha256_hex(target),
+            "target_bytes": len(target)}
+    return BundleFile(encode_weights(changes), WEIGHTS_KIND, precision, meta)
+
+
 def publish_weight_update(address: str, token: str, base: bytes, base_version: int, new: bytes,
-                          metadata: dict[str, Any] | None = None) -> edge_pb2.PublishReply:
-    """Publish only the initializers that changed from `base` (served as `base_version`) to `new`."""
-    payload = encode_weights(changed_initializers(base, new))
-    meta = {**(metadata or {}), "base_version": base_version, "base_sha256": sha256_hex(base),
-            "target_sha256": sha256_hex(new), "target_bytes": len(new)}
-    return publish(address, token, payload, WEIGHTS_FORMAT, meta)
+                          reference: bytes | None = None, metadata: dict[str, Any] | None = None) -> edge_pb2.PublishReply:
+    """Publish an fp32 weight-only update against `base_version`, with the new model's reference set if given
+    (a device serving another precision has no fp32 of its own to compare the update with)."""
+    formats = {"fp32": weight_update(base, base_version, new)}
+    if reference is not None:
+        formats[REFERENCE] = BundleFile(reference, "reference", "")
+    return publish(address, token, formats, metadata)
 
 
 def fleet_status(address: str, timeout: float = 5.0, root_certificates: Path | None = None) -> edge_pb2.FleetStatusReply:
-    """Every device the registry has seen: its profile, when, and its last telemetry."""
+    """Every device the registry has seen: its profile, when, its last telemetry and deployment events."""
     with open_channel(address, root_certificates) as channel:
         reply: edge_pb2.FleetStatusReply = edge_pb2_grpc.RegistryAdminStub(channel).FleetStatus(
             edge_pb2.FleetStatusRequest(), timeout=timeout)

@@ -2,7 +2,8 @@
 
 `fedge registry serve --workdir DIR [--port 0]` prints `PUBLIC_KEY <path>` and
 `REGISTRY <host:port>` once it listens, so a launcher can read the bound port.
-Each version lives in `DIR/artifacts/v000001/` (`fedge.edge.artifacts.ArtifactStore`);
+A version is a bundle of formats under one signed manifest; each version lives in
+`DIR/artifacts/v000001/` (`fedge.edge.artifacts.ArtifactStore`);
 telemetry and uploaded samples are stored under `DIR/telemetry.jsonl` and `DIR/samples/`.
 """
 
@@ -27,11 +28,13 @@ from google.protobuf.json_format import MessageToDict
 from fedge.edge.artifacts import (
     ArtifactError,
     ArtifactStore,
-    Manifest,
+    BundleFile,
     StoredArtifact,
     load_or_create_key,
     make_manifest,
     public_pem,
+    read_bundle,
+    sha256_hex,
     sign_manifest,
 )
 from fedge.edge.tls import add_port
@@ -43,6 +46,8 @@ DEFAULT_CHUNK = 256 * 1024
 MAX_CHUNK = 2 * 1024 * 1024
 #: gRPC metadata key of the publish token (`fedge.edge.publish` sends it, `Registry.Publish` checks it)
 TOKEN_HEADER = "x-fedge-token"
+#: deployment events kept per device for `FleetStatus` (all of them go to telemetry.jsonl)
+RECENT_EVENTS = 20
 
 
 class Registry(edge_pb2_grpc.EdgeRegistryServicer, edge_pb2_grpc.RegistryAdminServicer):
@@ -61,8 +66,8 @@ class Registry(edge_pb2_grpc.EdgeRegistryServicer, edge_pb2_grpc.RegistryAdminSe
         self._devices: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        #: (device_id, version, offset) of every fetch, so resumption is observable.
-        self.fetch_log: list[tuple[str, int, int]] = []
+        #: (device_id, version, format, offset) of every fetch, so resumption is observable.
+        self.fetch_log: list[tuple[str, int, str, int]] = []
         (self.workdir / "samples").mkdir(exist_ok=True)
 
     # ---- publishing --------------------------------------------------------------------
@@ -71,19 +76,22 @@ class Registry(edge_pb2_grpc.EdgeRegistryServicer, edge_pb2_grpc.RegistryAdminSe
     def latest_version(self) -> int:
         return self._latest.manifest.version if self._latest else 0
 
-    def publish(self, model_bytes: bytes, manifest_meta: dict[str, Any] | None = None, fmt: str = "onnx") -> int:
-        """Store, sign and announce a new version; returns its number."""
+    def publish(self, formats: dict[str, BundleFile], metadata: dict[str, Any] | None = None) -> int:
+        """Store, sign and announce a new version made of `formats` (e.g. fp32, int8, fp16, reference); its number.
+
+        Raises ValueError for a bundle every agent would refuse.
+        """
         with self._cond:
             version = self.latest_version + 1
-            manifest = make_manifest(version, model_bytes, fmt, manifest_meta)
-            canonical, signature = sign_manifest(manifest, self.key)
             try:
-                Manifest.parse(canonical)  # refuse now what every agent would refuse later
+                manifest = make_manifest(version, formats, metadata)
             except ArtifactError as err:
                 raise ValueError(str(err)) from err
-            self._latest = self.store.write(manifest, canonical, signature, model_bytes)
+            canonical, signature = sign_manifest(manifest, self.key)
+            self._latest = self.store.write(manifest, canonical, signature, {n: f.data for n, f in formats.items()})
             self._cond.notify_all()
-        log.info("published v%d (%s, %d bytes, sha256 %s)", version, fmt, len(model_bytes), manifest.sha256[:12])
+        log.info("published v%d (%s; %d bytes)", version, ", ".join(f"{n} {f.bytes}" for n, f in manifest.formats.items()),
+                 manifest.total_bytes)
         return version
 
     def stop(self) -> None:
@@ -98,9 +106,10 @@ class Registry(edge_pb2_grpc.EdgeRegistryServicer, edge_pb2_grpc.RegistryAdminSe
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "device_id is required")
         with self._lock:
             entry = self._devices.setdefault(request.device_id, {})
-            entry["profile"] = MessageToDict(request, preserving_proto_field_name=True)
+            entry["profile"] = edge_pb2.DeviceProfile.FromString(request.SerializeToString())
             entry["last_seen"] = time.time()
-        log.info("registered %s (%s, %s)", request.device_id, request.tier, request.runtime)
+        log.info("registered %s (%s, %s, takes %s)", request.device_id, request.tier, request.runtime,
+                 ",".join(request.precisions))
         return edge_pb2.RegisterReply(accepted=True, latest_version=self.latest_version, message="registered")
 
     def WatchDeployments(self, request: edge_pb2.WatchRequest, context: grpc.ServicerContext) -> Iterator[edge_pb2.DeploymentNotice]:
@@ -118,13 +127,16 @@ class Registry(edge_pb2_grpc.EdgeRegistryServicer, edge_pb2_grpc.RegistryAdminSe
         if request.version not in self.store.versions():
             context.abort(grpc.StatusCode.NOT_FOUND, f"no artifact version {request.version}")
         published = self.store.read(request.version)
-        total = published.manifest.bytes
+        if request.format not in published.manifest.formats:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"v{request.version} has no format {request.format!r}; "
+                                                     f"it has {', '.join(sorted(published.manifest.formats))}")
+        total = published.manifest.formats[request.format].bytes
         if not 0 <= request.offset <= total:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} outside [0, {total}]")
         with self._lock:
-            self.fetch_log.append((request.device_id, request.version, int(request.offset)))
+            self.fetch_log.append((request.device_id, request.version, request.format, int(request.offset)))
         chunk = min(request.chunk_size or DEFAULT_CHUNK, MAX_CHUNK)
-        with open(published.path, "rb") as fh:
+        with open(published.path(request.format), "rb") as fh:
             fh.seek(request.offset)
             offset = request.offset
             while offset < total and context.is_active():
@@ -140,6 +152,7 @@ class Registry(edge_pb2_grpc.EdgeRegistryServicer, edge_pb2_grpc.RegistryAdminSe
             entry = self._devices.setdefault(request.device_id, {})
             entry["telemetry"] = request
             entry["last_seen"] = time.time()
+            entry["events"] = [*entry.get("events", []), *request.events][-RECENT_EVENTS:]
             with open(self.workdir / "telemetry.jsonl", "a") as fh:
                 fh.write(json.dumps(record, sort_keys=True) + "\n")
         return edge_pb2.TelemetryAck(stored=True)
@@ -173,29 +186,51 @@ class Registry(edge_pb2_grpc.EdgeRegistryServicer, edge_pb2_grpc.RegistryAdminSe
     def Publish(self, request_iterator: Iterator[edge_pb2.PublishChunk], context: grpc.ServicerContext) -> edge_pb2.PublishReply:
         if not self._authorised(context):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "bad or missing publish token")
-        fmt, meta_json, parts = "", "", []
-        for chunk in request_iterator:
-            fmt = fmt or chunk.format
-            meta_json = meta_json or chunk.metadata_json
-            parts.append(chunk.data)
         try:
-            meta = json.loads(meta_json) if meta_json else {}
-            version = self.publish(b"".join(parts), meta, fmt or "onnx")
-        except ValueError as err:
+            formats, metadata = _read_bundle(request_iterator)
+            version = self.publish(formats, metadata)
+        except ValueError as err:  # json.JSONDecodeError included
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        m = self.store.read(version).manifest
-        return edge_pb2.PublishReply(version=version, sha256=m.sha256, bytes=m.bytes)
+        stored = self.store.read(version)
+        return edge_pb2.PublishReply(
+            version=version, sha256=sha256_hex(stored.canonical), bytes=stored.manifest.total_bytes,
+            formats=[edge_pb2.PublishedFormat(format=n, sha256=f.sha256, bytes=f.bytes)
+                     for n, f in stored.manifest.formats.items()])
 
     def FleetStatus(self, request: edge_pb2.FleetStatusRequest, context: grpc.ServicerContext) -> edge_pb2.FleetStatusReply:
         reply = edge_pb2.FleetStatusReply(latest_version=self.latest_version)
         with self._lock:
             for device_id, entry in sorted(self._devices.items()):
                 status = reply.devices.add(last_seen_unix=entry.get("last_seen", 0.0))
-                profile = entry.get("profile") or {"device_id": device_id}
-                status.profile.CopyFrom(edge_pb2.DeviceProfile(**{k: v for k, v in profile.items() if k != "serving_version"}))
+                status.profile.CopyFrom(entry.get("profile") or edge_pb2.DeviceProfile(device_id=device_id))
+                status.profile.ClearField("serving_version")  # as registered; the telemetry says what it serves now
                 if "telemetry" in entry:
                     status.last_telemetry.CopyFrom(entry["telemetry"])
+                    status.last_telemetry.ClearField("events")  # the device's events are in recent_events
+                status.recent_events.extend(entry.get("events", []))
         return reply
+
+
+def _read_bundle(chunks: Iterator[edge_pb2.PublishChunk]) -> tuple[dict[str, BundleFile], dict[str, Any]]:
+    """The formats and metadata of a streamed publish (each format's first chunk names it)."""
+    metadata: dict[str, Any] = {}
+    heads: dict[str, edge_pb2.PublishChunk] = {}
+    parts: dict[str, list[bytes]] = {}
+    current = ""
+    for i, chunk in enumerate(chunks):
+        if i == 0 and chunk.metadata_json:
+            metadata = json.loads(chunk.metadata_json)
+        if chunk.format:
+            if chunk.format in heads:
+                raise ValueError(f"format {chunk.format!r} sent twice")
+            current = chunk.format
+            heads[current], parts[current] = chunk, []
+        elif not current:
+            raise ValueError("the first chunk must name its format")
+        parts[current].append(chunk.data)
+    return {name: BundleFile(b"".join(parts[name]), head.kind or "onnx", head.precision,
+                             json.loads(head.format_metadata_json) if head.format_metadata_json else {})
+            for name, head in heads.items()}, metadata
 
 
 def _safe_name(name: str) -> str:
@@ -224,14 +259,15 @@ def serve(workdir: str | Path, host: str = "127.0.0.1", port: int = 0, key_path:
     """Run a registry until SIGINT/SIGTERM (`fedge registry serve`).
 
     The publish token comes from the argument or `FEDGE_PUBLISH_TOKEN`; an
-    optional `publish` file (ONNX) is published at start-up as the first version.
+    optional `publish` (an fp32 ONNX file, or a `fedge export` folder) is published at start-up as the first version.
     Each watching agent holds one of `workers` threads while connected.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s registry %(message)s")  # no-op if set up
     token = publish_token if publish_token is not None else os.environ.get("FEDGE_PUBLISH_TOKEN", "")
     registry = Registry(Path(workdir), Path(key_path) if key_path else None, token)
     if publish:
-        registry.publish(Path(publish).read_bytes(), {"source": str(publish)})
+        formats, metadata = read_bundle(Path(publish))
+        registry.publish(formats, metadata)
     public_path = registry.workdir / "registry.pub.pem"
     public_path.write_bytes(registry.public_key_pem)
     server, bound = start(registry, host, port, workers, tls_certificate, tls_key)

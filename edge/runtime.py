@@ -78,11 +78,15 @@ class OnnxRuntimeModel:
         return np.asarray(out, dtype=np.float32)
 
 
-def load_model(onnx_bytes: bytes, runtime: str | None = None, threads: int = 0) -> Model:
-    """Build a servable model from ONNX bytes on the chosen runtime (TensorRT builds an engine here)."""
+def load_model(data: bytes, runtime: str | None = None, threads: int = 0, precision: str = "fp32",
+               kind: str = "onnx") -> Model:
+    """A servable model on the chosen runtime from ONNX bytes (TensorRT builds an engine of `precision` from
+    them here) or, with kind "tensorrt", from an engine plan built for this device class."""
     runtime = runtime or choose_runtime()
     if runtime == "tensorrt":
         from fedge.edge.tensorrt_engine import TensorRTModel
 
-        return TensorRTModel.from_onnx(onnx_bytes)
-    return OnnxRuntimeModel(onnx_bytes, runtime, threads)
+        return TensorRTModel.from_plan(data) if kind == "tensorrt" else TensorRTModel.from_onnx(data, precision)
+    if kind == "tensorrt":
+        raise ValueError(f"an engine plan needs the tensorrt runtime, not {runtime}")
+    return OnnxRuntimeModel(data, runtime, threads)

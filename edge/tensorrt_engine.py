@@ -1,10 +1,13 @@
 """TensorRT engines built on the device from the registry's ONNX, refitted in place when only weights change.
 
-Engines are specific to a GPU and a TensorRT version, so devices build their
-own. TensorRT 10 and 11 differ in one place, `_network_flags_and_precision`:
-10 builds a weakly typed network and takes precision from builder flags
-(FP16/INT8); 11 only builds strongly typed networks, whose precision comes from
-the ONNX itself (fp16 tensors, Q/DQ nodes), so it gets no precision flags.
+Engines are specific to a GPU and a TensorRT version (`device_class`), so
+devices build their own from the format they chose (fp32, fp16, or the INT8
+Q/DQ model: explicit quantization, no calibrator), or load a plan the registry
+built for their device class. TensorRT 10 and 11 differ in one place,
+`_network_flags_and_precision`: 10 builds a weakly typed network and takes
+precision from builder flags (FP16/INT8; TF32 off for fp32, so fp32 means
+fp32); 11 only builds strongly typed networks, whose precision comes from the
+ONNX itself (fp16 tensors, Q/DQ nodes), so it gets no precision flags.
 
 `tensorrt` (and `torch` with CUDA, for device buffers) are imported lazily: the
 module imports without them, and `available()` says whether it can run.
@@ -58,6 +61,28 @@ def major_version() -> int:
     return int(str(trt.__version__).split(".")[0])
 
 
+def device_class() -> str:
+    """What a plan is specific to: the GPU model, its compute capability and the TensorRT version."""
+    _require()
+    import tensorrt as trt
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return f"{torch.cuda.get_device_name()} sm{major}{minor} trt{trt.__version__}"
+
+
+def onnx_precision(onnx_bytes: bytes) -> str:
+    """The precision an ONNX model carries: int8 (Q/DQ nodes), fp16 (fp16 weights) or fp32."""
+    import onnx
+
+    graph = onnx.load_from_string(onnx_bytes).graph
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node):
+        return "int8"
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
 @dataclass(frozen=True)
 class BatchProfile:
     """The dynamic batch range the engine serves (an optimization profile's min/opt/max)."""
@@ -67,8 +92,8 @@ class BatchProfile:
     max: int = 256
 
 
-def _network_flags_and_precision(precision: str, major: int) -> tuple[int, list[trt.BuilderFlag]]:
-    """The only TensorRT-version-specific code: (network creation flags, builder precision flags)."""
+def _network_flags_and_precision(precision: str, major: int) -> tuple[int, list[trt.BuilderFlag], list[trt.BuilderFlag]]:
+    """The only TensorRT-version-specific code: (network creation flags, builder flags to set, to clear)."""
     import tensorrt as trt
 
     if precision not in PRECISIONS:
@@ -77,10 +102,13 @@ def _network_flags_and_precision(precision: str, major: int) -> tuple[int, list[
         # Strongly typed only; the flag may be implicit (and removed) in later releases.
         strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
         flags = (1 << int(strongly_typed)) if strongly_typed is not None else 0
-        return flags, []  # precision is whatever the ONNX's tensor types and Q/DQ nodes say
-    precision_flags = {"fp32": [], "fp16": [trt.BuilderFlag.FP16],
-                       "int8": [trt.BuilderFlag.INT8, trt.BuilderFlag.FP16]}[precision]
-    return 0, precision_flags
+        return flags, [], []  # precision is whatever the ONNX's tensor types and Q/DQ nodes say
+    # TensorRT 10, weakly typed: INT8 with Q/DQ nodes is explicit quantization (their scales, no calibrator);
+    # FP16 beside it lets the layers between Q/DQ pairs run in fp16. TF32 is on by default: off for fp32.
+    set_flags = {"fp32": [], "fp16": [trt.BuilderFlag.FP16],
+                 "int8": [trt.BuilderFlag.INT8, trt.BuilderFlag.FP16]}[precision]
+    clear_flags = [trt.BuilderFlag.TF32] if precision == "fp32" else []
+    return 0, set_flags, clear_flags
 
 
 def _dims(dims: trt.Dims) -> list[int]:
@@ -94,18 +122,26 @@ def _parser_errors(parser: trt.OnnxParser | trt.OnnxParserRefitter) -> str:
 def build_engine(
     onnx_bytes: bytes,
     *,
-    precision: str = "fp32",
+    precision: str | None = None,
     batch: BatchProfile = BatchProfile(),
     workspace_bytes: int = 1 << 30,
     refittable: bool = True,
 ) -> bytes:
-    """Parse ONNX and build a serialized engine with a dynamic-batch profile (refittable by default)."""
+    """Parse ONNX and build a serialized engine with a dynamic-batch profile (refittable by default).
+
+    `precision` defaults to the ONNX's own (`onnx_precision`); an int8 engine is built only from a Q/DQ model.
+    """
     _require()
     import tensorrt as trt
 
+    carried = onnx_precision(onnx_bytes)
+    precision = precision or carried
+    if precision == "int8" and carried != "int8":
+        raise TensorRTError("int8 engines are built from a Q/DQ model (explicit quantization); this ONNX has no "
+                            "Q/DQ nodes: publish the int8 format of the version")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network_flags, precision_flags = _network_flags_and_precision(precision, major_version())
+    network_flags, precision_flags, cleared_flags = _network_flags_and_precision(precision, major_version())
     network = builder.create_network(network_flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_bytes):
@@ -114,6 +150,8 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     for flag in precision_flags:
         config.set_flag(flag)
+    for flag in cleared_flags:
+        config.clear_flag(flag)
     if refittable:
         config.set_flag(trt.BuilderFlag.REFIT)
     profile = builder.create_optimization_profile()
@@ -179,8 +217,15 @@ class TensorRTModel:
         self.stream = torch.cuda.Stream()
 
     @classmethod
-    def from_onnx(cls, onnx_bytes: bytes, precision: str = "fp32", batch: BatchProfile = BatchProfile()) -> TensorRTModel:
+    def from_onnx(cls, onnx_bytes: bytes, precision: str | None = None,
+                  batch: BatchProfile = BatchProfile()) -> TensorRTModel:
+        """Build an engine of `precision` (default: the ONNX's own) here, and serve it."""
         plan = build_engine(onnx_bytes, precision=precision, batch=batch)
+        return cls(deserialize(plan), plan)
+
+    @classmethod
+    def from_plan(cls, plan: bytes) -> TensorRTModel:
+        """Serve a plan built elsewhere for this device class (refused by TensorRT if it was built for another)."""
         return cls(deserialize(plan), plan)
 
     def with_weights(self, onnx_bytes: bytes) -> TensorRTModel:

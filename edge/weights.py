@@ -33,13 +33,19 @@ def changed_initializers(old: bytes, new: bytes, atol: float = 0.0) -> dict[str,
 
 
 def apply_initializers(onnx_bytes: bytes, changes: dict[str, np.ndarray]) -> bytes:
+    """The model with `changes` replacing its initializers, each keeping its dtype and shape (a scalar that came
+    back from safetensors as shape (1,) is a scalar again; a different dtype or size is refused)."""
     model = onnx.load_from_string(onnx_bytes)
     by_name = {t.name: t for t in model.graph.initializer}
     missing = set(changes) - set(by_name)
     if missing:
         raise WeightUpdateError(f"weight update names unknown initializers: {sorted(missing)[:5]}")
     for name, array in changes.items():
-        by_name[name].CopyFrom(numpy_helper.from_array(array, name))
+        old = by_name[name]
+        shape, dtype = tuple(old.dims), onnx.helper.tensor_dtype_to_np_dtype(old.data_type)
+        if array.dtype != dtype or array.size != int(np.prod(shape)):
+            raise WeightUpdateError(f"{name}: update is {array.dtype}{list(array.shape)}, the model's is {dtype}{list(shape)}")
+        old.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array).reshape(shape), name))
     return model.SerializeToString()
 
 

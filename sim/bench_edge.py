@@ -1,7 +1,11 @@
-"""Edge benchmark, measured side by side in one run.
+"""Edge benchmark, measured side by side in one run, on a CPU it describes.
 
-1. Latency: PyTorch eager vs ONNX Runtime fp32 and INT8, batch 1 and 32 (median of repeats).
-2. Push: a full artifact vs a weight-only update (only the changed initializers),
+0. The CPU: instruction-set facts (numpy's CPUID detection) and the int8 kernel
+   ONNX Runtime uses there, since INT8 accuracy and speed depend on them.
+1. Formats: size, accuracy and agreement with fp32 (top-1, max logit difference)
+   of INT8 (QDQ and dynamic) and FP16 on held-out data, computed here.
+2. Latency: PyTorch eager vs ONNX Runtime fp32, INT8 and FP16, batch 1 and 32 (median of repeats).
+3. Push: a full artifact vs a weight-only update (only the changed initializers),
    through a real registry process over gRPC on loopback: bytes on the wire and
    seconds from publish to a loaded, servable model on the receiving side.
 
@@ -26,7 +30,10 @@ import grpc
 import numpy as np
 import torch
 
-from fedge.edge.export import accuracy, quantize_int8_dynamic, quantize_int8_qdq, to_onnx
+from fedge.edge.agreement import agreement
+from fedge.edge.artifacts import BundleFile
+from fedge.edge.capabilities import INT8_KERNELS, detect
+from fedge.edge.export import quantize_int8_dynamic, quantize_int8_qdq, run_onnx, to_fp16, to_onnx
 from fedge.edge.fleet import start_registry
 from fedge.edge.publish import publish, publish_weight_update
 from fedge.edge.runtime import ort_session
@@ -71,7 +78,8 @@ def latency(model: torch.nn.Module, variants: dict[str, bytes], x: np.ndarray, r
 def _fetch(address: str, version: int) -> bytes:
     with grpc.insecure_channel(address) as channel:
         stub = edge_pb2_grpc.EdgeRegistryStub(channel)
-        chunks = stub.FetchArtifact(edge_pb2.FetchRequest(device_id="bench", version=version, offset=0), timeout=60)
+        chunks = stub.FetchArtifact(edge_pb2.FetchRequest(device_id="bench", version=version, offset=0, format="fp32"),
+                                    timeout=60)
         return b"".join(c.data for c in chunks)
 
 
@@ -81,10 +89,10 @@ def push(base: bytes, updates: dict[str, bytes], workdir: Path) -> list[dict[str
     registry, address, _ = start_registry(workdir / "registry", token)
     rows = []
     try:
-        base_version = publish(address, token, base).version
+        base_version = publish(address, token, {"fp32": BundleFile(base)}).version
         for name, new in updates.items():
             start = time.perf_counter()
-            reply = publish(address, token, new)
+            reply = publish(address, token, {"fp32": BundleFile(new)})
             ort_session(_fetch(address, reply.version))
             full_s = time.perf_counter() - start
 
@@ -116,8 +124,15 @@ def bench_edge(scenario: str = "digits-shift", repeats: int = 50, threads: int =
     y = torch.cat([p.test.tensors[1] for p in parts]).numpy()
     calibration = torch.cat([p.train.tensors[0] for p in parts])[:512].numpy()
     fp32 = to_onnx(model, x[:2])
-    variants = {"fp32": fp32, "int8 qdq": quantize_int8_qdq(fp32, calibration), "int8 dynamic": quantize_int8_dynamic(fp32)}
-    quality = {name: {"bytes": len(data), "accuracy": accuracy(data, x.numpy(), y)} for name, data in variants.items()}
+    variants = {"fp32": fp32, "int8 qdq": quantize_int8_qdq(fp32, calibration),
+                "int8 dynamic": quantize_int8_dynamic(fp32), "fp16": to_fp16(fp32)}
+    logits = {name: run_onnx(data, x.numpy()) for name, data in variants.items()}
+    quality = {}
+    for name, data in variants.items():
+        a = agreement(logits[name], logits["fp32"])
+        quality[name] = {"bytes": len(data), "accuracy": float((logits[name].argmax(1) == y).mean()),
+                         "agreement_vs_fp32": a.top1, "max_logit_diff_vs_fp32": a.max_logit_diff,
+                         "relative_diff_vs_fp32": a.relative_diff}
 
     head = copy.deepcopy(model)  # a head-only update: what forward-only cloud-edge adaptation sends down
     lora_all = copy.deepcopy(model)  # LoRA merged into every target layer changes every weight matrix
@@ -135,6 +150,7 @@ def bench_edge(scenario: str = "digits-shift", repeats: int = 50, threads: int =
     with tempfile.TemporaryDirectory() as tmp:
         rows_push = push(fp32, updates, Path(workdir) if workdir else Path(tmp))
     return {
+        "cpu": detect().as_dict(),
         "latency": latency(model, variants, x.numpy(), repeats, threads),
         "push": rows_push,
         "variants": quality,
@@ -148,6 +164,14 @@ def print_tables(result: dict[str, Any], console: Any = None) -> None:
     from rich.table import Table
 
     console = console or Console(width=140)
+    cpu = result["cpu"]
+    facts = Table(title="CPU (numpy's CPUID detection; under an emulator, the emulated CPU)", title_justify="left")
+    for col in ("machine", "cpu", "instruction sets", "int8 kernel", "onnxruntime", "providers"):
+        facts.add_column(col)
+    facts.add_row(cpu["machine"], cpu["cpu"], " ".join(cpu["isa"]) or "-",
+                  f"{cpu['int8_kernel']}: {INT8_KERNELS[cpu['int8_kernel']]}", cpu["onnxruntime"],
+                  ", ".join(cpu["providers"]))
+    console.print(facts)
     lat = Table(title=f"edge latency (median, {result['threads']} thread(s))", title_justify="left")
     for col in ("engine", "batch", "median ms", "speed-up vs PyTorch"):
         lat.add_column(col, justify="right")
@@ -167,14 +191,15 @@ def print_tables(result: dict[str, Any], console: Any = None) -> None:
     console.print(push_t)
     console.print("measured on loopback (publish, fetch, apply, load a session); the @ columns add the transfer "
                   "time of the same bytes on a weak device's downlink (modelled, fedge.profiles)")
-    variants = Table(title=f"artifact variants (accuracy on {result['eval_samples']} held-out target samples)",
-                     title_justify="left")
-    for col in ("variant", "KB", "of fp32", "accuracy", "vs fp32"):
+    variants = Table(title=f"formats on this CPU ({result['eval_samples']} held-out target samples; agreement and "
+                           "logit difference against fp32 on the same inputs)", title_justify="left")
+    for col in ("format", "KB", "of fp32", "accuracy", "vs fp32", "top-1 agreement", "max |logit diff|", "of range"):
         variants.add_column(col, justify="right")
     fp32 = result["variants"]["fp32"]
     for name, v in result["variants"].items():
         variants.add_row(name, f"{v['bytes'] / 1e3:.1f}", f"{v['bytes'] / fp32['bytes']:.1%}", f"{v['accuracy']:.4f}",
-                         f"{100 * (v['accuracy'] - fp32['accuracy']):+.2f} pt")
+                         f"{100 * (v['accuracy'] - fp32['accuracy']):+.2f} pt", f"{v['agreement_vs_fp32']:.4f}",
+                         f"{v['max_logit_diff_vs_fp32']:.3g}", f"{v['relative_diff_vs_fp32']:.1%}")
     console.print(variants)
 
 

@@ -131,16 +131,20 @@ def run(
 
 def deploy_final(config: dict[str, Any], arrays: Any, devices: int, out: Path) -> dict[str, Any]:
     """Export the run's final model and push it to `devices` edge agents; returns results.json's "edge" entry."""
+    from fedge.edge.capabilities import describe
     from fedge.edge.fleet import deploy_to_edge
     from fedge.sim.handoff import final_model, fleet_data
 
     with console.status(f"{config['method']}: exporting and deploying to {devices} edge agents"):
         edge = deploy_to_edge(final_model(config, arrays), fleet_data(config), devices, out / "edge")
-    art = edge["artifact"]
-    console.print(f"edge: {edge['deployed']}/{edge['devices']} agents serve {config['method']} on {edge['runtime']}; "
-                  f"ONNX {art['bytes'] / 1e6:.2f} MB (max |onnx - torch| {art['max_abs_diff_vs_torch']:.1e}), "
-                  f"int8 {edge['int8']['bytes'] / 1e6:.2f} MB at accuracy {edge['int8']['accuracy']:.4f}; "
-                  f"fleet accuracy {edge['accuracy']:.4f}, p50 {edge['p50_latency_ms']:.2f} ms")
+    fp32, int8 = edge["fp32"], edge["int8"]
+    served = ", ".join(f"{n} {fmt}" for fmt, n in sorted(edge["formats_served"].items()))
+    console.print(f"edge: {edge['deployed']}/{edge['devices']} agents serve {config['method']} ({served}) on "
+                  f"{edge['runtime']}; fp32 {fp32['bytes'] / 1e6:.2f} MB at accuracy {fp32['accuracy']:.4f} "
+                  f"(max |onnx - torch| {edge['artifact']['max_abs_diff_vs_torch']:.1e}), int8 "
+                  f"{int8['bytes'] / 1e6:.2f} MB at accuracy {int8['accuracy']:.4f} (top-1 agreement with fp32 "
+                  f"{int8['agreement_vs_fp32']:.4f}), measured on {describe(edge['host'])}; fleet accuracy "
+                  f"{edge['accuracy']:.4f}, p50 {edge['p50_latency_ms']:.2f} ms")
     return edge
 
 

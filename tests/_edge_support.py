@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from fedge.edge.artifacts import BundleFile
 from fedge.scenario import load_scenario
 from fedge.sim.digits_shift import DigitsCNN
 
@@ -57,31 +58,88 @@ def target_data(n_partitions: int = 4, partition: int = 0) -> TensorDataset:
     return load_scenario("digits-shift").client_data(partition, n_partitions).test
 
 
-@lru_cache(maxsize=1)
-def base_onnx() -> bytes:
-    """The trained base model's export, cached on disk by weights and torch version (export is the slow step).
+def _cached(name: str, build: Callable[[], bytes]) -> bytes:
+    """Bytes derived from the trained base model, cached on disk by its weights and torch version (export is slow).
 
     The export tests export afresh; the deployment tests only need some valid export of the base model.
     """
     import hashlib
     import os
 
-    from fedge.edge.export import to_onnx
     from fedge.sim.digits_shift import cache_dir
 
-    model = trained_model()
-    digest = hashlib.sha256(torch.__version__.encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode() + tensor.numpy().tobytes())
-    path = cache_dir() / f"edge-test-base-{digest.hexdigest()[:16]}.onnx"
+    digest = hashlib.sha256(torch.__version__.encode() + name.encode())
+    for key, tensor in sorted(trained_model().state_dict().items()):
+        digest.update(key.encode() + tensor.numpy().tobytes())
+    path = cache_dir() / f"edge-test-{name}-{digest.hexdigest()[:16]}.bin"
     if path.exists():
         return path.read_bytes()
-    data = to_onnx(model, target_data().tensors[0][:2])
+    data = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
     return data
+
+
+@lru_cache(maxsize=1)
+def base_onnx() -> bytes:
+    """The trained base model's fp32 export."""
+    from fedge.edge.export import to_onnx
+
+    return _cached("base-fp32", lambda: to_onnx(trained_model(), target_data().tensors[0][:2]))
+
+
+def calibration_inputs() -> np.ndarray:
+    """Inputs for INT8 calibration: the partitions' training splits (never the test data the devices serve)."""
+    sc = load_scenario("digits-shift")
+    return torch.cat([sc.client_data(p, 4).train.tensors[0] for p in range(4)])[:512].numpy()
+
+
+@lru_cache(maxsize=4)
+def int8_of(kind: str = "base") -> bytes:
+    """The INT8 (QDQ, 7-bit weights) format of `base_onnx()` or of `onnx_variant(kind)`."""
+    from fedge.edge.export import quantize_int8_qdq
+
+    fp32 = base_onnx() if kind == "base" else onnx_variant(kind)
+    return _cached(f"{kind}-int8", lambda: quantize_int8_qdq(fp32, calibration_inputs()))
+
+
+@lru_cache(maxsize=2)
+def fp16_of(fp32: bytes) -> bytes:
+    from fedge.edge.export import to_fp16
+
+    return to_fp16(fp32)
+
+
+def damaged_int8(int8: bytes, layer: str = "conv2", factor: float = 6.0) -> bytes:
+    """An INT8 format with one layer's weights scaled (its weight scales times `factor`): finite, plausible, and in
+    top-1 disagreement with fp32 on many inputs. Signed, it is a valid artifact; only a comparison catches it."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(int8)
+    inits = {t.name: t for t in model.graph.initializer}
+    scales = [n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+              and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and layer in n.input[0]]
+    assert len(scales) == 1, scales
+    scale = inits[scales[0]]
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(factor), scale.name))
+    return model.SerializeToString()
+
+
+def reference_of(fp32: bytes, n: int = 64) -> bytes:
+    """The reference set a version ships: held-out inputs (another partition's, not a device's) and fp32's logits."""
+    from fedge.edge.agreement import reference_set
+    from fedge.edge.runtime import OnnxRuntimeModel
+
+    return reference_set(OnnxRuntimeModel(fp32).predict, target_data(4, 3).tensors[0][:n].numpy())
+
+
+def bundle(**formats: bytes) -> dict[str, BundleFile]:
+    """A version's formats: fp32=, int8=, fp16= (ONNX bytes) and reference= (a reference set)."""
+    return {name: BundleFile(data, "reference", "") if name == "reference" else BundleFile(data, "onnx", name)
+            for name, data in formats.items()}
 
 
 def onnx_variant(kind: str) -> bytes:
@@ -101,9 +159,13 @@ def onnx_variant(kind: str) -> bytes:
     return apply_initializers(base_onnx(), changes)
 
 
-def to_npz(path, data: TensorDataset) -> None:  # type: ignore[no-untyped-def]
+def to_npz(path, data: TensorDataset, labels: bool = True) -> None:  # type: ignore[no-untyped-def]
+    """A device's local data file (`labels=False`: inputs only, as on a device that never sees labels)."""
     x, y = data.tensors[0].numpy().astype(np.float32), data.tensors[1].numpy().astype(np.int64)
-    np.savez(path, x=x, y=y)
+    if labels:
+        np.savez(path, x=x, y=y)
+    else:
+        np.savez(path, x=x)
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> T:

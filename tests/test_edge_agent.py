@@ -1,18 +1,32 @@
-"""Edge agents against a real registry over gRPC on loopback: deploy, refuse, canary, roll back."""
+"""Edge agents against a real registry over gRPC on loopback: deploy, choose a format, refuse, canary, roll back."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _edge_support import base_onnx, onnx_variant, target_data, to_npz, wait_until
+from _edge_support import (
+    base_onnx,
+    bundle,
+    damaged_int8,
+    fp16_of,
+    int8_of,
+    onnx_variant,
+    reference_of,
+    target_data,
+    to_npz,
+    wait_until,
+)
 
 from fedge.edge.agent import AgentConfig, EdgeAgent
 from fedge.edge.artifacts import generate_key, make_manifest, sign_manifest
 from fedge.edge.registry import Registry, start
+from fedge.edge.runtime import OnnxRuntimeModel
 from fedge.protos import edge_pb2
 from fedge.server.certs import create_credentials
 
@@ -31,9 +45,13 @@ def registry(tmp_path: Path) -> Iterator[tuple[Registry, str]]:
     server.stop(grace=0.5).wait()
 
 
-def make_agent(tmp_path: Path, address: str, reg: Registry, name: str = "cam-0", **options: float) -> EdgeAgent:
-    data_path = tmp_path / f"{name}.npz"
-    to_npz(data_path, target_data())
+def make_agent(tmp_path: Path, address: str, reg: Registry, name: str = "cam-0", labels: bool | None = True,
+               **options: object) -> EdgeAgent:
+    """An agent on its own thread set (`labels`: labelled local data, unlabelled, or None: no data at all)."""
+    data_path = None
+    if labels is not None:
+        data_path = tmp_path / f"{name}.npz"
+        to_npz(data_path, target_data(), labels=labels)
     public = tmp_path / "registry.pub.pem"
     public.write_bytes(reg.public_key_pem)
     config = AgentConfig(registry=address, device_id=name, workdir=tmp_path / name, public_key=public, data=data_path,
@@ -44,8 +62,8 @@ def make_agent(tmp_path: Path, address: str, reg: Registry, name: str = "cam-0",
 
 
 def serve_first(reg: Registry, agent: EdgeAgent, model: bytes) -> None:
-    """Publish `model` as v1 and wait until `agent` serves it."""
-    reg.publish(model)
+    """Publish `model` (fp32) as v1 and wait until `agent` serves it."""
+    reg.publish(bundle(fp32=model))
     wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
 
 
@@ -59,10 +77,10 @@ def test_agents_receive_and_serve_a_deployment(tmp_path: Path, registry, models)
     reg, address = registry
     agents = [make_agent(tmp_path, address, reg, f"cam-{i}") for i in range(2)]
     try:
-        reg.publish(models["v1"], {"note": "first"})
+        reg.publish(bundle(fp32=models["v1"]), {"note": "first"})
         for agent in agents:
             wait_until(lambda a=agent: a.serving_version == 1, what="v1 to serve")
-        reg.publish(models["v2"])
+        reg.publish(bundle(fp32=models["v2"]))
         for agent in agents:
             wait_until(lambda a=agent: a.serving_version == 2, what="v2 to serve")
         x = target_data().tensors[0][:4].numpy()
@@ -99,38 +117,139 @@ def test_tampered_and_wrongly_signed_artifacts_are_refused(tmp_path: Path, regis
         serve_first(reg, agent, models["v1"])
         x = target_data().tensors[0][:8].numpy()
         before, _ = agent.predict(x)
-
-        # v2: a byte of the stored model flipped after signing (same size, valid signature, wrong sha256)
-        reg.publish(models["v2"])
-        stored = reg.store.read(2).path
-        blob = bytearray(stored.read_bytes())
-        blob[len(blob) // 2] ^= 0xFF
-        stored.write_bytes(bytes(blob))
+    finally:
+        agent.stop()
+    # v2: a byte of the stored model flipped after signing (same size, valid signature, wrong sha256). It is
+    # damaged while the device is offline, so the device's first look at v2 is at the damaged bytes.
+    reg.publish(bundle(fp32=models["v2"]))
+    stored = reg.store.read(2).path("fp32")
+    blob = bytearray(stored.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    stored.write_bytes(bytes(blob))
+    agent = make_agent(tmp_path, address, reg)  # restarts on v1 from disk, then hears of v2
+    try:
+        assert agent.serving_version == 1
         wait_until(lambda: 2 in agent.rejected, what="tampered v2 to be refused")
         assert "sha256" in agent.rejected[2]
 
         # v3: a well-formed artifact signed by a key the agent does not trust
         genuine_key, rogue_key = reg.key, generate_key(tmp_path / "rogue.pem")
         reg.key = rogue_key
-        reg.publish(models["v2"])
+        reg.publish(bundle(fp32=models["v2"]))
         wait_until(lambda: 3 in agent.rejected, what="wrongly signed v3 to be refused")
         assert "signature" in agent.rejected[3]
 
-        after, version = agent.predict(x)  # the old model keeps answering, unchanged
-        assert version == 1
+        after, served = agent.predict(x)  # the old model keeps answering, unchanged
+        assert served == 1
         np.testing.assert_array_equal(before, after)
         wait_until(lambda: sum(e["status"] == "rejected" for e in events(reg)) >= 2, what="rejections reported")
         assert not list((agent.workdir / "models").glob("v000002*")) and not list((agent.workdir / "models").glob("v000003*"))
 
         # A forged notice for v4 must not block the genuine v4 that follows it.
-        forged = make_manifest(4, models["v2"], "onnx")
+        forged = make_manifest(4, bundle(fp32=models["v2"]))
         canonical, signature = sign_manifest(forged, rogue_key)
         assert agent.handle_notice(edge_pb2.DeploymentNotice(version=4, manifest=canonical, signature=signature)) == "refused"
         reg.key = genuine_key
-        reg.publish(models["v2"])
+        reg.publish(bundle(fp32=models["v2"]))
         wait_until(lambda: agent.serving_version == 4, what="the genuine v4 to serve")
     finally:
         agent.stop()
+
+
+def test_a_damaged_int8_is_refused_by_agreement_and_fp32_keeps_serving(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
+    """A validly signed INT8 whose weights were scaled: no label and no signature check can catch it, agreement with
+    fp32 on the device's own unlabelled inputs does; the device serves fp32 of the same version, no request fails."""
+    reg, address = registry
+    agent = make_agent(tmp_path, address, reg, labels=False)
+    assert agent.precisions[0] == "int8"  # this CPU would take INT8 first
+    failures: list[BaseException] = []
+    answered = [0]
+    stop = threading.Event()
+
+    def client() -> None:  # a caller of the device's model throughout the deployment
+        x = target_data().tensors[0][:1].numpy()
+        while not stop.is_set():
+            try:
+                agent.predict(x)
+                answered[0] += 1
+            except BaseException as err:  # noqa: BLE001 - every failed request is counted
+                failures.append(err)
+            stop.wait(0.002)
+
+    caller = threading.Thread(target=client)
+    try:
+        serve_first(reg, agent, models["v1"])
+        assert agent.serving.served is not None and agent.serving.served.format == "fp32"
+        caller.start()
+        reg.publish(bundle(fp32=models["v2"], int8=damaged_int8(int8_of("shifted"))))
+        wait_until(lambda: agent.serving_version == 2, what="v2 to serve")
+        assert agent.serving.served is not None and agent.serving.served.format == "fp32"
+        refused = agent.checks[2][0]
+        assert refused.format == "int8" and not refused.passed and refused.reference == "device inputs"
+        assert refused.agreement is not None and refused.agreement.top1 < 0.95
+        assert "disagrees with fp32" in refused.reason and "top-1 agreement" in refused.reason
+        status = wait_until(lambda: [d for d in reg.FleetStatus(None, None).devices
+                                     if d.last_telemetry.serving_version == 2 and d.last_telemetry.num_predictions],
+                            what="telemetry on v2")
+        assert status[0].last_telemetry.format == "fp32" and status[0].last_telemetry.num_failures == 0
+        event = next(e for e in status[0].recent_events if e.status == "format_refused")
+        assert event.format == "int8" and event.agreement.top1 == pytest.approx(refused.agreement.top1)
+        assert event.agreement.reference == "device inputs"
+    finally:
+        stop.set()
+        if caller.is_alive():
+            caller.join()
+        agent.stop()
+    assert not failures and answered[0] > 0
+
+
+def test_a_device_without_data_checks_formats_against_the_signed_reference_set(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
+    reg, address = registry
+    agent = make_agent(tmp_path, address, reg, labels=None)
+    try:
+        reg.publish(bundle(fp32=models["v1"], int8=damaged_int8(int8_of()), reference=reference_of(models["v1"])))
+        wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
+        assert agent.serving.served is not None and agent.serving.served.format == "fp32"
+        assert [(c.format, c.passed, c.reference) for c in agent.checks[1]] == [
+            ("int8", False, "reference set"), ("fp32", True, "reference set")]
+        reg.publish(bundle(fp32=models["v2"], int8=int8_of("shifted"), reference=reference_of(models["v2"])))
+        wait_until(lambda: agent.serving_version == 2, what="v2 to serve")
+        assert agent.serving.served is not None and agent.serving.served.format == "int8"
+        chosen = agent.checks[2][-1]
+        assert chosen.agreement is not None and chosen.agreement.top1 >= 0.95 and chosen.reference == "reference set"
+        reg.publish(bundle(int8=int8_of("shifted")))  # v3: nothing to compare an int8 with
+        wait_until(lambda: 3 in agent.rejected, what="an unverifiable int8 to be refused")
+        assert "no fp32 reference" in agent.rejected[3] and agent.serving_version == 2
+    finally:
+        agent.stop()
+
+
+def test_two_devices_of_different_capabilities_serve_different_formats(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from fedge.cli import app
+
+    reg, address = registry
+    cpu = make_agent(tmp_path, address, reg, "cam-cpu")  # what this CPU allows: int8, then fp32
+    half = make_agent(tmp_path, address, reg, "cam-fp16", precisions=("fp16", "fp32"))  # declared: fp16 first
+    try:
+        reg.publish(bundle(fp32=models["v1"], int8=int8_of(), fp16=fp16_of(models["v1"])))
+        status = wait_until(lambda: {d.profile.device_id: d for d in reg.FleetStatus(None, None).devices
+                                     if d.last_telemetry.serving_version == 1} if all(
+            a.serving_version == 1 for a in (cpu, half)) else {}, what="both devices on v1")
+        assert {n: s.last_telemetry.format for n, s in status.items()} == {"cam-cpu": "int8", "cam-fp16": "fp16"}
+        assert list(status["cam-fp16"].profile.precisions) == ["fp16", "fp32"]
+        caps = status["cam-cpu"].profile.capabilities
+        assert caps.machine and caps.int8_kernel in ("vnni", "pmaddubsw", "sdot", "neon") and caps.memory_bytes > 0
+        assert "CPUExecutionProvider" in caps.providers
+        result = CliRunner().invoke(app, ["registry", "status", "--registry", address])
+        assert result.exit_code == 0, result.output
+        rows = {cells[0]: cells for line in result.output.splitlines()
+                if (cells := [c.strip() for c in line.strip("│ ").split("│")])[0].startswith("cam-")}
+        assert rows["cam-cpu"][3:6] == ["v1", "int8", "int8,fp32"] and rows["cam-fp16"][3:6] == ["v1", "fp16", "fp16,fp32"]
+    finally:
+        cpu.stop()
+        half.stop()
 
 
 def test_a_model_that_fails_its_canary_is_not_served(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
@@ -138,11 +257,11 @@ def test_a_model_that_fails_its_canary_is_not_served(tmp_path: Path, registry, m
     agent = make_agent(tmp_path, address, reg)
     try:
         serve_first(reg, agent, models["v1"])
-        reg.publish(models["collapsed"])
+        reg.publish(bundle(fp32=models["collapsed"]))
         wait_until(lambda: 2 in agent.rejected, what="collapsed v2 to fail its canary")
         assert "canary" in agent.rejected[2] and "collapsed" in agent.rejected[2]
         assert agent.predict(target_data().tensors[0][:2].numpy())[1] == 1
-        reg.publish(models["v2"])  # a good later version still deploys
+        reg.publish(bundle(fp32=models["v2"]))  # a good later version still deploys
         wait_until(lambda: agent.serving_version == 3, what="v3 to serve")
     finally:
         agent.stop()
@@ -153,7 +272,7 @@ def test_live_failure_rolls_back_to_the_last_good_model(tmp_path: Path, registry
     agent = make_agent(tmp_path, address, reg)
     try:
         serve_first(reg, agent, models["v1"])
-        reg.publish(models["v2"])
+        reg.publish(bundle(fp32=models["v2"]))
         wait_until(lambda: agent.serving_version == 2, what="v2 to serve")
 
         class Broken:
@@ -168,7 +287,7 @@ def test_live_failure_rolls_back_to_the_last_good_model(tmp_path: Path, registry
         wait_until(lambda: agent.serving_version == 1, what="rollback to v1")
         assert "rolled_back" in {e["status"] for e in wait_until(lambda: events(reg) if any(
             e["status"] == "rolled_back" for e in events(reg)) else [], what="rollback reported")}
-        assert (agent.workdir / "current").read_text().strip() == "1"
+        assert (agent.workdir / "current").read_text().split() == ["1", "fp32"]
     finally:
         agent.stop()
     again = make_agent(tmp_path, address, reg)  # after a restart, v2 is still the registry's latest
@@ -196,21 +315,44 @@ def test_agent_restarts_on_its_last_verified_model(tmp_path: Path, registry, mod
 
 
 def test_weight_only_update_is_applied_and_checked_against_its_signed_target(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
-    from fedge.edge.artifacts import WEIGHTS_FORMAT, sha256_hex
-    from fedge.edge.weights import changed_initializers, encode_weights
+    from fedge.edge.publish import weight_update
 
     reg, address = registry
     agent = make_agent(tmp_path, address, reg)
     try:
         serve_first(reg, agent, models["v1"])
-        payload = encode_weights(changed_initializers(models["v1"], models["v2"]))
-        good = {"base_version": 1, "base_sha256": sha256_hex(models["v1"]), "target_sha256": sha256_hex(models["v2"])}
-        reg.publish(payload, {**good, "target_sha256": "0" * 64}, fmt=WEIGHTS_FORMAT)  # v2: target does not match
+        update = weight_update(models["v1"], 1, models["v2"])
+        wrong = dataclasses.replace(update, metadata={**update.metadata, "target_sha256": "0" * 64})
+        reg.publish({"fp32": wrong})  # v2: target does not match
         wait_until(lambda: 2 in agent.rejected, what="a weight update with a wrong target to be refused")
         assert "artifact refused" in agent.rejected[2] and "hashes to" in agent.rejected[2]
-        reg.publish(payload, good, fmt=WEIGHTS_FORMAT)  # v3: applies to v1 and yields exactly the new model
+        reg.publish({"fp32": update})  # v3: applies to v1 and yields exactly the new model
         wait_until(lambda: agent.serving_version == 3, what="the weight update to serve")
-        assert (agent.workdir / "models" / "v000003" / "model.bin").read_bytes() == models["v2"]
+        assert (agent.workdir / "models" / "v000003" / "fp32.bin").read_bytes() == models["v2"]
+    finally:
+        agent.stop()
+
+
+def test_an_int8_device_takes_an_int8_weight_update_checked_against_the_reference_set(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
+    """A device serving INT8 has no fp32 of the new weights: the update's reference set is what it checks against."""
+    from fedge.edge.publish import weight_update
+
+    reg, address = registry
+    agent = make_agent(tmp_path, address, reg)
+    try:
+        reg.publish(bundle(fp32=models["v1"], int8=int8_of()))
+        wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
+        assert agent.serving.served is not None and agent.serving.served.format == "int8"
+        update = {"int8": weight_update(int8_of(), 1, int8_of("shifted"), "int8")}
+        reg.publish(update)  # v2: no reference set, no fp32: nothing to compare with
+        wait_until(lambda: 2 in agent.rejected, what="an uncheckable update to be refused")
+        assert "no fp32 reference" in agent.rejected[2]
+        reg.publish({**update, **bundle(reference=reference_of(models["v2"]))})  # v3: with the new reference set
+        wait_until(lambda: agent.serving_version == 3, what="the int8 weight update to serve")
+        assert agent.serving.served is not None and agent.serving.served.format == "int8"
+        assert agent.checks[3][-1].reference == "reference set"
+        x = target_data().tensors[0][:16].numpy()  # the quantizer's model, up to the order of its initializers
+        np.testing.assert_array_equal(agent.predict(x)[0], OnnxRuntimeModel(int8_of("shifted"), threads=1).predict(x))
     finally:
         agent.stop()
 

@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from _edge_support import base_onnx, target_data, to_npz, trained_model, wait_until
+from _edge_support import base_onnx, bundle, target_data, to_npz, trained_model, wait_until
 
+from fedge.edge.export import accuracy
 from fedge.edge.fleet import deploy_to_edge
 from fedge.edge.registry import Registry, start
-from fedge.training import evaluate
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +35,8 @@ def test_agent_killed_mid_download_resumes_from_its_partial_offset(tmp_path: Pat
     workdir = tmp_path / "cam-0"
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        version = reg.publish(base_onnx())
-        total = reg.store.read(version).manifest.bytes
+        version = reg.publish(bundle(fp32=base_onnx()))
+        total = reg.store.read(version).manifest.formats["fp32"].bytes
         # A slow link: 64 KiB chunks, 30 ms apart (about 2 s for the whole artifact).
         procs.append(launch_agent(address, public, workdir, data, "--chunk-size", "65536", "--chunk-delay", "0.03"))
         partial = wait_until(lambda: next((p for p in (workdir / "downloads").glob("*.partial")
@@ -50,10 +49,10 @@ def test_agent_killed_mid_download_resumes_from_its_partial_offset(tmp_path: Pat
         procs.append(launch_agent(address, public, workdir, data))
         wait_until(lambda: any(d.last_telemetry.serving_version == version for d in reg.FleetStatus(None, None).devices),
                    timeout=60, what="the restarted agent to serve the artifact")
-        offsets = [offset for device, v, offset in reg.fetch_log if device == "cam-0" and v == version]
+        offsets = [offset for device, v, fmt, offset in reg.fetch_log if device == "cam-0" and v == version]
         assert offsets[0] == 0 and offsets[-1] == held, f"fetches started at {offsets}, partial held {held}"
         assert not partial.exists()
-        assert (workdir / "current").read_text().strip() == str(version)
+        assert (workdir / "current").read_text().split() == [str(version), "fp32"]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -65,14 +64,25 @@ def test_agent_killed_mid_download_resumes_from_its_partial_offset(tmp_path: Pat
 
 def test_deploy_to_edge_reaches_every_device(tmp_path: Path) -> None:
     report = deploy_to_edge(trained_model(), target_data(), devices=2, workdir=tmp_path)
-    assert set(report) == {"devices", "deployed", "runtime", "artifact", "int8", "p50_latency_ms", "accuracy"}
+    assert set(report) == {"devices", "deployed", "runtime", "host", "artifact", "fp32", "int8", "fp16",
+                           "formats_served", "fleet", "p50_latency_ms", "accuracy"}
     assert report["devices"] == 2 and report["deployed"] == 2
     assert report["runtime"] == "onnxruntime-cpu"
+    assert report["host"]["int8_kernel"] in ("vnni", "pmaddubsw", "sdot", "neon") and report["host"]["isa"]
     artifact = report["artifact"]
-    assert set(artifact) == {"format", "bytes", "sha256", "max_abs_diff_vs_torch"}
-    assert artifact["format"] == "onnx" and artifact["max_abs_diff_vs_torch"] < 1e-4 and len(artifact["sha256"]) == 64
-    assert report["int8"]["bytes"] <= 0.35 * artifact["bytes"]
+    assert set(artifact) == {"version", "sha256", "bytes", "max_abs_diff_vs_torch", "formats"}
+    assert set(artifact["formats"]) == {"fp32", "int8", "fp16", "reference"} and len(artifact["sha256"]) == 64
+    assert artifact["max_abs_diff_vs_torch"] < 1e-4
+    assert report["int8"]["bytes"] <= 0.35 * report["fp32"]["bytes"] and report["int8"]["weight_bits"] == 7
+    assert abs(report["int8"]["accuracy"] - report["fp32"]["accuracy"]) <= 0.01
     assert report["p50_latency_ms"] > 0
-    # Each device served its shard once, so the fleet's telemetry accuracy is the model's accuracy on the data.
-    expected = evaluate(trained_model(), target_data(), device=torch.device("cpu")).accuracy
-    assert report["accuracy"] == pytest.approx(expected, abs=1e-9)
+    # Both devices take int8 first and it agrees with fp32 on their own inputs, so both serve it.
+    assert report["formats_served"] == {"int8": 2}
+    for device in report["fleet"].values():
+        assert device["format"] == "int8" and device["failures"] == 0 and device["precisions"] == ["int8", "fp32"]
+        check = device["checks"]["int8"]
+        assert check["passed"] and check["reference"] == "device inputs" and check["top1"] >= 0.95
+    # Each device served its shard once, so the fleet's telemetry accuracy is the int8 model's accuracy on the data.
+    x, y = target_data().tensors[0].numpy(), target_data().tensors[1].numpy()
+    int8 = (tmp_path / "registry" / "artifacts" / "v000001" / "int8.bin").read_bytes()
+    assert report["accuracy"] == pytest.approx(accuracy(int8, x, y), abs=1e-9)

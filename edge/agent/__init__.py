@@ -1,16 +1,18 @@
-"""The edge agent: serves a model, watches the registry, and swaps in verified, canary-checked versions.
+"""The edge agent: serves a model, watches the registry, and swaps in verified, checked versions.
 
 Guarantees: it never serves an artifact whose manifest signature (pinned
 registry key) or sha256 does not verify, and checks the signature before
-downloading anything; a new version serves only after it passes a canary
-batch; the swap is one reference assignment, so a request sees either the old
-model or the new one; the last good model stays loaded for rollback; downloads
-resume from the bytes already on disk after a crash; after a restart it serves
-the last model it verified, re-verified from disk.
+downloading anything; of each version it serves the smallest format its
+capabilities allow that passes the canary and agrees with fp32 on this device
+(`acceptance`), falling back in order, and refuses the version when none does;
+the swap is one reference assignment, so a request sees either the old model
+or the new one; the last good model stays loaded for rollback; downloads resume
+from the bytes already on disk after a crash; after a restart it serves the
+last model it verified, re-verified from disk.
 
 `EdgeAgent` composes the pieces: `store` (disk), `fetch` (download),
-`canary`, `serving` and `telemetry`. `fedge edge agent` runs one
-(`run_agent`). What runs on a device imports neither torch nor peft.
+`canary`, `acceptance` (format choice), `serving` and `telemetry`. `fedge edge
+agent` runs one (`run_agent`). What runs on a device imports neither torch nor peft.
 """
 
 from __future__ import annotations
@@ -24,13 +26,24 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from fedge.edge.agent.canary import Canary, CanaryError
+from fedge.edge.agent.acceptance import Acceptance, FormatCheck, NoFormatAccepted, refusal_reason
+from fedge.edge.agent.canary import Canary
 from fedge.edge.agent.fetch import DownloadIncomplete, Fetcher
 from fedge.edge.agent.serving import Served, Serving
 from fedge.edge.agent.store import AgentStore, artifact_key, notice_key
 from fedge.edge.agent.telemetry import Reporter, sample_batch
-from fedge.edge.artifacts import WEIGHTS_FORMAT, ArtifactError, Manifest, load_public_key, verify_manifest, verify_model
-from fedge.edge.runtime import Model, choose_runtime, load_model
+from fedge.edge.agreement import Thresholds
+from fedge.edge.artifacts import (
+    PRECISIONS,
+    WEIGHTS_KIND,
+    ArtifactError,
+    Manifest,
+    load_public_key,
+    verify_manifest,
+    verify_model,
+)
+from fedge.edge.capabilities import Capabilities, describe, detect, preferred_precisions
+from fedge.edge.runtime import Model, OnnxRuntimeModel, choose_runtime, load_model
 from fedge.edge.tls import open_channel
 from fedge.protos import edge_pb2, edge_pb2_grpc
 
@@ -46,12 +59,15 @@ class AgentConfig:
     data: Path | None = None          # .npz with `x` (inputs) and optionally `y` (labels)
     tier: str = "mid"
     runtime: str | None = None        # default: best available (see fedge.edge.runtime)
+    precisions: tuple[str, ...] | None = None  # declared: what it takes, in order (default: what its capabilities allow)
     threads: int = 1                  # ONNX Runtime intra-op threads per agent
     chunk_size: int = 256 * 1024
     chunk_delay_s: float = 0.0        # throttle downloads (a slow link, for tests and demos)
-    canary_size: int = 64
+    canary_size: int = 128            # local inputs every candidate runs on (and fp32's reference outputs)
     min_canary_accuracy: float = 0.0  # absolute floor where labels exist
     max_accuracy_drop: float = 0.25   # allowed canary-accuracy drop against the serving model
+    min_agreement: float = Thresholds.min_top1          # a format's top-1 agreement with fp32, at least
+    max_logit_diff: float = Thresholds.max_relative_diff  # its max |logit diff|, as a share of fp32's logit range
     serve_batch: int = 1
     serve_passes: int = 0             # passes over the local data per version (0: forever)
     serve_interval_s: float = 0.005
@@ -68,11 +84,18 @@ class EdgeAgent:
         self.workdir = Path(config.workdir)
         self.store = AgentStore(self.workdir, load_public_key(Path(config.public_key)))
         self.runtime = choose_runtime(config.runtime)
+        self.capabilities = _capabilities(self.runtime)
+        self.precisions = _precisions(config.precisions, self.runtime, self.capabilities)
         self.x, self.y = _load_data(config.data)
         self.rejected: dict[int, str] = {}  # last refusal reason per version (reported, and for operators)
+        self.checks: dict[int, tuple[FormatCheck, ...]] = {}  # each version's format checks on this device
         self._stop = threading.Event()
         self.serving = Serving(on_failure=self.rollback)
         self.canary = Canary(self.x, self.y, config.canary_size, config.min_canary_accuracy, config.max_accuracy_drop)
+        self.acceptance = Acceptance(
+            self.precisions, self.canary, Thresholds(config.min_agreement, config.max_logit_diff),
+            obtain=self._obtain, load=self._load, load_reference=self._load_reference, runtime=self.runtime,
+            device_class=self.capabilities.gpu)
         self.channel = open_channel(config.registry, config.root_certificates)
         self.stub = edge_pb2_grpc.EdgeRegistryStub(self.channel)
         self.fetcher = Fetcher(self.stub, config.device_id, self.workdir / "downloads", chunk_size=config.chunk_size,
@@ -97,13 +120,13 @@ class EdgeAgent:
             stored = self.store.current()
             if stored is None:
                 return
-            manifest, data = stored
-            served = Served(manifest.version, manifest, load_model(data, self.runtime, self.config.threads), None)
+            manifest, fmt, data = stored
+            served = Served(manifest.version, manifest, fmt, self._load(manifest, fmt, data), None)
         except (OSError, ValueError, ArtifactError) as err:
             log.warning("%s: stored model does not verify (%s); starting without one", self.config.device_id, err)
             return
         self.serving.swap(served)
-        log.info("%s: restored v%d from disk", self.config.device_id, served.version)
+        log.info("%s: restored v%d (%s) from disk", self.config.device_id, served.version, served.format)
 
     def rollback(self, reason: str) -> bool:
         """Return to the last good model (after a live failure of the new one)."""
@@ -111,7 +134,7 @@ class EdgeAgent:
         if pair is None:
             return False
         failed, good = pair
-        self.store.set_current(good.version)
+        self.store.set_current(good.version, good.format)
         self.rejected[failed.version] = reason
         self.store.refuse(artifact_key(failed.manifest))
         self.reporter.event(failed.version, "rolled_back", reason)
@@ -121,7 +144,7 @@ class EdgeAgent:
     # ---- deployments ---------------------------------------------------------------------------------
 
     def handle_notice(self, notice: edge_pb2.DeploymentNotice) -> str:
-        """Verify, download, check and swap one announced version.
+        """Verify one announced version, choose and check its format for this device, and swap it in.
 
         Returns "deployed", "refused", "skipped" (old or already refused) or
         "incomplete" (the download was cut; retry after reconnecting).
@@ -143,46 +166,73 @@ class EdgeAgent:
         if manifest.version <= self.serving_version or self.store.is_refused(key):
             return "skipped"
         try:
-            data = self.fetcher.download(manifest)
-            if manifest.format == WEIGHTS_FORMAT:
-                data = self._apply_weight_update(manifest, data)
-            model = self._load(manifest, data)
-            accuracy = self.canary.check(model, self.serving.served)
+            accepted = self.acceptance.choose(manifest, self.serving.served)
         except DownloadIncomplete as err:
             log.warning("%s: v%d not complete yet: %s", self.config.device_id, manifest.version, err)
             return "incomplete"  # not a refusal: the next notice (after reconnecting) resumes it
+        except NoFormatAccepted as err:
+            self._report_checks(manifest.version, err.checks)
+            self.store.refuse(key)
+            self._reject(manifest.version, f"no format passed: {err}")
+            return "refused"
         except Exception as err:  # noqa: BLE001 - whatever fails on an untrusted artifact is a refusal
             self.store.refuse(key)
-            self._reject(manifest.version, _refusal(err))
+            self._reject(manifest.version, refusal_reason(err))
             return "refused"
-        self.store.save(manifest, notice.manifest, notice.signature, data)
-        self.serving.swap(Served(manifest.version, manifest, model, accuracy))
+        self._report_checks(manifest.version, accepted.checks)
+        self.store.save(manifest, notice.manifest, notice.signature, accepted.format, accepted.data)
+        self.serving.swap(Served(manifest.version, manifest, accepted.format, accepted.model, accepted.canary_accuracy))
         self.store.prune(self.serving.kept_versions())
-        self.reporter.event(manifest.version, "deployed")
-        log.info("%s: serving v%d (%s)", self.config.device_id, manifest.version, self.runtime)
+        chosen = accepted.checks[-1]
+        self.reporter.event(manifest.version, "deployed", "", chosen.format, chosen.agreement, chosen.reference)
+        log.info("%s: serving v%d %s (%s)", self.config.device_id, manifest.version, accepted.format, self.runtime)
         return "deployed"
 
-    def _load(self, manifest: Manifest, data: bytes) -> Model:
-        """The candidate on this device's runtime; a weight update on TensorRT refits a copy of the serving engine."""
+    def _report_checks(self, version: int, checks: tuple[FormatCheck, ...]) -> None:
+        """Keep a version's checks; each format that fell short is an event with its reason (and figures), so the
+        fleet sees the fallbacks."""
+        self.checks[version] = checks
+        for check in checks:
+            if not check.passed:
+                self.reporter.event(version, "format_refused", check.reason, check.format, check.agreement,
+                                    check.reference)
+                log.warning("%s: v%d %s refused: %s", self.config.device_id, version, check.format, check.reason)
+
+    def _obtain(self, manifest: Manifest, fmt: str) -> bytes:
+        """A format's verified bytes; for a weight-only update, the whole model after applying it."""
+        data = self.fetcher.download(manifest, fmt)
+        if manifest.formats[fmt].kind == WEIGHTS_KIND:
+            data = self._apply_weight_update(manifest, fmt, data)
+        return data
+
+    def _load(self, manifest: Manifest, fmt: str, data: bytes) -> Model:
+        """A format on this device's runtime; a weight update on TensorRT refits a copy of the serving engine."""
+        entry = manifest.formats[fmt]
         served = self.serving.served
         refit = getattr(served.model, "with_weights", None) if served else None
-        if manifest.format == WEIGHTS_FORMAT and callable(refit):
+        if entry.kind == WEIGHTS_KIND and callable(refit):
             model: Model = refit(data)
             return model
-        return load_model(data, self.runtime, self.config.threads)
+        kind = "tensorrt" if entry.kind == "tensorrt" else "onnx"
+        return load_model(data, self.runtime, self.config.threads, entry.precision, kind)
 
-    def _apply_weight_update(self, manifest: Manifest, payload: bytes) -> bytes:
-        """Rebuild the full model from the serving one plus changed weights; it must hash to the signed target."""
+    def _load_reference(self, data: bytes) -> Model:
+        """fp32 ONNX on ONNX Runtime's CPU provider: the reference every format here is compared with."""
+        return OnnxRuntimeModel(data, "onnxruntime-cpu", self.config.threads)
+
+    def _apply_weight_update(self, manifest: Manifest, fmt: str, payload: bytes) -> bytes:
+        """Rebuild the whole model from the serving one plus changed weights; it must hash to the signed target."""
         from fedge.edge.weights import apply_initializers, decode_weights
 
         served = self.serving.served
-        base_version = int(manifest.metadata["base_version"])
+        meta = manifest.formats[fmt].metadata
+        base_version = int(meta["base_version"])
         if served is None or served.version != base_version:
             raise ArtifactError(f"update is against v{base_version}, this device serves v{self.serving_version}")
-        if served.manifest.model_sha256 != manifest.metadata["base_sha256"]:
-            raise ArtifactError("update's base sha256 differs from the serving model's")
-        data = apply_initializers(self.store.model_bytes(served.manifest), decode_weights(payload))
-        verify_model(data, manifest)
+        if served.manifest.formats[served.format].model_sha256 != meta["base_sha256"]:
+            raise ArtifactError(f"update's base sha256 differs from the served {served.format} model's")
+        data = apply_initializers(self.store.model_bytes(served.manifest, served.format), decode_weights(payload))
+        verify_model(data, manifest, fmt)
         return data
 
     def _reject(self, version: int, reason: str) -> None:
@@ -194,14 +244,9 @@ class EdgeAgent:
 
     def register(self) -> None:
         profile = edge_pb2.DeviceProfile(device_id=self.config.device_id, tier=self.config.tier, runtime=self.runtime,
-                                         capabilities=self._capabilities(), serving_version=self.serving_version)
+                                         precisions=self.precisions, serving_version=self.serving_version,
+                                         capabilities=edge_pb2.Capabilities(**self.capabilities.as_dict()))
         self.stub.Register(profile, timeout=10)
-
-    def _capabilities(self) -> list[str]:
-        caps = ["fp32", "int8"]
-        if self.runtime != "onnxruntime-cpu":
-            caps += ["fp16", "gpu"]
-        return caps
 
     def upload_samples(self, x: np.ndarray, y: np.ndarray | None = None) -> int:
         """Send inputs with the serving model's probabilities and entropy up (for cloud-side adaptation)."""
@@ -268,13 +313,22 @@ def _load_data(path: Path | None) -> tuple[np.ndarray | None, np.ndarray | None]
     return x, y
 
 
-def _refusal(err: Exception) -> str:
-    """A refusal reason that says which check failed."""
-    if isinstance(err, CanaryError):
-        return f"canary failed: {err}"
-    if isinstance(err, ArtifactError):
-        return f"artifact refused: {err}"
-    return f"could not load: {type(err).__name__}: {err}"
+def _capabilities(runtime: str) -> Capabilities:
+    """This device's facts; on TensorRT, with the device class engine plans must be built for."""
+    if runtime == "tensorrt":
+        from fedge.edge.tensorrt_engine import device_class
+
+        return detect(gpu=device_class())
+    return detect()
+
+
+def _precisions(declared: tuple[str, ...] | None, runtime: str, capabilities: Capabilities) -> tuple[str, ...]:
+    if not declared:
+        return preferred_precisions(runtime, capabilities)
+    unknown = [p for p in declared if p not in PRECISIONS]
+    if unknown or len(set(declared)) != len(declared):
+        raise ValueError(f"precisions must be distinct values of {PRECISIONS}, not {declared}")
+    return tuple(declared)
 
 
 def run_agent(
@@ -286,6 +340,7 @@ def run_agent(
     data: str | Path | None = None,
     tier: str = "mid",
     runtime: str | None = None,
+    precisions: tuple[str, ...] | None = None,
     duration_s: float | None = None,
     root_certificates: str | Path | None = None,
     **options: float,
@@ -296,14 +351,15 @@ def run_agent(
     """
     config = AgentConfig(registry=registry_address, device_id=device_id, workdir=Path(workdir),
                          public_key=Path(public_key), data=Path(data) if data else None, tier=tier, runtime=runtime,
-                         root_certificates=Path(root_certificates) if root_certificates else None,
+                         precisions=precisions, root_certificates=Path(root_certificates) if root_certificates else None,
                          **options)  # type: ignore[arg-type]
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s agent {device_id} %(message)s")  # no-op if set up
     agent = EdgeAgent(config)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    print(f"AGENT {device_id} runtime={agent.runtime} serving=v{agent.serving_version}", flush=True)
+    print(f"AGENT {device_id} runtime={agent.runtime} takes={','.join(agent.precisions)} "
+          f"cpu=[{describe(agent.capabilities)}] serving=v{agent.serving_version}", flush=True)
     agent.start()
     done.wait(duration_s)
     agent.stop()

@@ -29,12 +29,20 @@ class Canary:
     min_accuracy: float
     max_accuracy_drop: float
 
-    def check(self, candidate: Model, current: Served | None) -> float | None:
-        """Raise CanaryError unless `candidate` may replace `current`; its canary accuracy (if labelled)."""
-        if self.x is None:
+    @property
+    def inputs(self) -> np.ndarray | None:
+        """The local inputs every candidate runs on (labels or not)."""
+        return None if self.x is None else self.x[: self.size]
+
+    def check(self, candidate: Model, current: Served | None, out: np.ndarray | None = None) -> float | None:
+        """Raise CanaryError unless `candidate` may replace `current`; its canary accuracy (if labelled).
+
+        `out`: the candidate's logits on `inputs`, where the caller already has them.
+        """
+        x = self.inputs
+        if x is None:
             return None
-        x = self.x[: self.size]
-        out = candidate.predict(x)
+        out = candidate.predict(x) if out is None else out
         if out.ndim != 2 or out.shape[0] != len(x):
             raise CanaryError(f"output shape {out.shape} for a batch of {len(x)}")
         if current is not None:

@@ -1,9 +1,9 @@
 """Chunked download of an artifact with resume: bytes already on disk are never fetched twice.
 
-A download goes to `DOWNLOADS/<sha256>.partial` and each attempt asks the
-registry to stream from that file's size, so a cut link or a killed agent
-resumes where it stopped. Only a complete file whose size and sha256 match the
-signed manifest is returned.
+A download of one format of a version goes to `DOWNLOADS/<sha256>.partial` and
+each attempt asks the registry to stream from that file's size, so a cut link or
+a killed agent resumes where it stopped. Only a complete file whose size and
+sha256 match the signed manifest is returned.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from fedge.edge.artifacts import ArtifactError, Manifest, verify_artifact
+from fedge.edge.artifacts import ArtifactError, Manifest, verify_file
 from fedge.protos import edge_pb2, edge_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,18 +39,20 @@ class Fetcher:
         self.max_attempts = max_attempts
         self._stop = stop
 
-    def download(self, manifest: Manifest) -> bytes:
-        """Fetch in chunks into `<sha256>.partial`, resuming from its size; retry on a cut stream."""
-        partial = self.folder / f"{manifest.sha256}.partial"
+    def download(self, manifest: Manifest, fmt: str) -> bytes:
+        """Fetch format `fmt` of the version in chunks into `<sha256>.partial`, resuming from its size; retry on a
+        cut stream."""
+        entry = manifest.formats[fmt]
+        partial = self.folder / f"{entry.sha256}.partial"
         for attempt in range(1, self.max_attempts + 1):
             offset = partial.stat().st_size if partial.exists() else 0
-            if offset > manifest.bytes:
+            if offset > entry.bytes:
                 partial.unlink()
                 offset = 0
-            if offset == manifest.bytes:
+            if offset == entry.bytes:
                 break
             request = edge_pb2.FetchRequest(device_id=self.device_id, version=manifest.version, offset=offset,
-                                            chunk_size=self.chunk_size)
+                                            chunk_size=self.chunk_size, format=fmt)
             try:
                 with open(partial, "ab") as fh:
                     for chunk in self.stub.FetchArtifact(request, timeout=120):
@@ -64,13 +66,13 @@ class Fetcher:
                         if self.chunk_delay_s:
                             time.sleep(self.chunk_delay_s)
             except grpc.RpcError as err:
-                log.warning("%s: fetch v%d cut at %d bytes (attempt %d): %s", self.device_id, manifest.version, offset,
-                            attempt, err.code() if hasattr(err, "code") else err)
+                log.warning("%s: fetch v%d %s cut at %d bytes (attempt %d): %s", self.device_id, manifest.version, fmt,
+                            offset, attempt, err.code() if hasattr(err, "code") else err)
                 time.sleep(min(0.2 * attempt, 2.0))
         held = partial.stat().st_size if partial.exists() else 0
-        if held < manifest.bytes:
-            raise DownloadIncomplete(f"{held} of {manifest.bytes} bytes after {self.max_attempts} attempts")
+        if held < entry.bytes:
+            raise DownloadIncomplete(f"{fmt}: {held} of {entry.bytes} bytes after {self.max_attempts} attempts")
         data = partial.read_bytes()
         partial.unlink()  # verified or not, a complete partial has done its job; a bad one must not poison a retry
-        verify_artifact(data, manifest)
+        verify_file(data, manifest, fmt)
         return data

@@ -36,6 +36,7 @@ class Served:
 
     version: int
     manifest: Manifest
+    format: str  # which format of the version: int8, fp16, fp32, ...
     model: Model
     canary_accuracy: float | None
 
@@ -50,6 +51,7 @@ class Window:
     labelled: int = 0
     correct: int = 0
     entropy_sum: float = 0.0
+    failures: int = 0
 
 
 class Serving:
@@ -117,6 +119,8 @@ class Serving:
             if not np.isfinite(logits).all():
                 raise FloatingPointError("non-finite outputs")
         except Exception as err:  # noqa: BLE001 - a live failure of any kind sends us back to the last good model
+            with self._window_lock:
+                self._window.failures += 1
             self._on_failure(f"serving failed: {type(err).__name__}: {err}")
             return
         latency_ms = (time.perf_counter() - start) * 1000.0

@@ -1,10 +1,11 @@
 """What an agent keeps on disk: the models it verified, which one serves, and what it refused.
 
 Models are kept in the registry's own layout (`ArtifactStore`, under
-`WORKDIR/models/`) with the signed manifest they arrived with, so after a
-restart the agent re-verifies the one `WORKDIR/current` names before serving
-it, even with the registry unreachable. Refusals (`WORKDIR/refused.txt`) are
-kept by content, so a forged notice for version N never blocks the genuine N.
+`WORKDIR/models/`) with the signed manifest they arrived with, but only the
+format the device serves; after a restart the agent re-verifies the one
+`WORKDIR/current` names ("VERSION FORMAT") before serving it, even with the
+registry unreachable. Refusals (`WORKDIR/refused.txt`) are kept by content, so
+a forged notice for version N never blocks the genuine N.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedge.atomic_file import atomic_write
-from fedge.edge.artifacts import ArtifactStore, Manifest, sha256_hex, verify_model
+from fedge.edge.artifacts import ArtifactError, ArtifactStore, Manifest, sha256_hex, verify_model
 
 
 def notice_key(canonical: bytes, signature: bytes) -> str:
@@ -24,8 +25,8 @@ def notice_key(canonical: bytes, signature: bytes) -> str:
 
 
 def artifact_key(manifest: Manifest) -> str:
-    """A verified version that must not serve (it failed to load, its canary, or live)."""
-    return f"artifact:{manifest.version}:{manifest.sha256}"
+    """A verified version that must not serve (no format of it passed its checks, or it failed live)."""
+    return f"artifact:{manifest.version}:{sha256_hex(manifest.canonical())}"
 
 
 class AgentStore:
@@ -46,30 +47,34 @@ class AgentStore:
         self._refused.add(key)
         atomic_write(self._refused_file, "".join(f"{k}\n" for k in sorted(self._refused)).encode())
 
-    def save(self, manifest: Manifest, canonical: bytes, signature: bytes, data: bytes) -> None:
-        """Keep a verified model with its signed manifest (as received) and make it the one to serve after a restart."""
-        self.models.write(manifest, canonical, signature, data)
-        self.set_current(manifest.version)
+    def save(self, manifest: Manifest, canonical: bytes, signature: bytes, fmt: str, data: bytes) -> None:
+        """Keep the whole model of the format this device serves with the version's signed manifest (as received),
+        and make it the one to serve after a restart."""
+        self.models.write(manifest, canonical, signature, {fmt: data})
+        self.set_current(manifest.version, fmt)
 
-    def set_current(self, version: int) -> None:
-        atomic_write(self._current, f"{version}\n".encode())
+    def set_current(self, version: int, fmt: str) -> None:
+        atomic_write(self._current, f"{version} {fmt}\n".encode())
 
-    def current(self) -> tuple[Manifest, bytes] | None:
-        """The model `current` names, re-verified (signature, then hash); None when there is none.
+    def current(self) -> tuple[Manifest, str, bytes] | None:
+        """(manifest, format, model bytes) of what `current` names, re-verified (signature, then hash); None if none.
 
         Raises (ArtifactError, OSError, ValueError) when what is stored does not verify.
         """
         if not self._current.exists():
             return None
-        stored = self.models.read(int(self._current.read_text().strip()), self.public_key)
-        data = stored.path.read_bytes()
-        verify_model(data, stored.manifest)
-        return stored.manifest, data
+        version, _, fmt = self._current.read_text().strip().partition(" ")
+        stored = self.models.read(int(version), self.public_key)
+        if fmt not in stored.manifest.formats:
+            raise ArtifactError(f"v{version} has no format {fmt!r}")
+        data = stored.path(fmt).read_bytes()
+        verify_model(data, stored.manifest, fmt)
+        return stored.manifest, fmt, data
 
-    def model_bytes(self, manifest: Manifest) -> bytes:
-        """The stored full model of a served version, checked against its manifest (the base of a weight update)."""
-        data = self.models.model_path(manifest.version).read_bytes()
-        verify_model(data, manifest)
+    def model_bytes(self, manifest: Manifest, fmt: str) -> bytes:
+        """The stored whole model of a served version, checked against its manifest (the base of a weight update)."""
+        data = self.models.read(manifest.version).path(fmt).read_bytes()
+        verify_model(data, manifest, fmt)
         return data
 
     def prune(self, keep: Iterable[int]) -> None:

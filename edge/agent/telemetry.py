@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 
 from fedge.edge.agent.serving import Serving, log_softmax
+from fedge.edge.agreement import Agreement
 from fedge.protos import edge_pb2, edge_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,17 +36,26 @@ class Reporter:
         self._events_lock = threading.Lock()
         self._report_now = threading.Event()
 
-    def event(self, version: int, status: str, reason: str = "") -> None:
-        """Record a deployment event and report it without waiting for the next interval."""
+    def event(self, version: int, status: str, reason: str = "", fmt: str = "", agreement: Agreement | None = None,
+              reference: str = "") -> None:
+        """Record a deployment event (about one format, with its agreement with fp32 where measured) and report it
+        without waiting for the next interval."""
+        message = edge_pb2.DeploymentEvent(version=version, status=status, reason=reason, format=fmt)
+        if agreement is not None:
+            message.agreement.CopyFrom(edge_pb2.Agreement(
+                samples=agreement.samples, top1=agreement.top1, max_logit_diff=agreement.max_logit_diff,
+                logit_range=agreement.logit_range, reference=reference))
         with self._events_lock:
-            self._events.append(edge_pb2.DeploymentEvent(version=version, status=status, reason=reason))
+            self._events.append(message)
         self._report_now.set()
 
     def telemetry(self) -> edge_pb2.Telemetry:
         w = self.serving.window()
+        served = self.serving.served
         lat = np.asarray(w.latencies_ms, dtype=np.float64)
         msg = edge_pb2.Telemetry(
-            device_id=self.device_id, serving_version=self.serving.version, runtime=self.runtime,
+            device_id=self.device_id, serving_version=served.version if served else 0, runtime=self.runtime,
+            format=served.format if served else "", num_failures=w.failures,
             latency_p50_ms=float(np.percentile(lat, 50)) if len(lat) else 0.0,
             latency_p95_ms=float(np.percentile(lat, 95)) if len(lat) else 0.0,
             mean_entropy=w.entropy_sum / w.predictions if w.predictions else 0.0,
