@@ -131,14 +131,14 @@ def build_engine(
 
     `precision` defaults to the ONNX's own (`onnx_precision`); an int8 engine is built only from a Q/DQ model.
     """
-    _require()
-    import tensorrt as trt
-
     carried = onnx_precision(onnx_bytes)
     precision = precision or carried
     if precision == "int8" and carried != "int8":
         raise TensorRTError("int8 engines are built from a Q/DQ model (explicit quantization); this ONNX has no "
                             "Q/DQ nodes: publish the int8 format of the version")
+    _require()
+    import tensorrt as trt
+
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network_flags, precision_flags, cleared_flags = _network_flags_and_precision(precision, major_version())

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from _edge_support import base_onnx, onnx_variant, target_data
+from _edge_support import base_onnx, fp16_of, int8_of, onnx_variant, target_data
 
 from fedge.edge import tensorrt_engine
+from fedge.edge.agreement import Thresholds, agreement
 from fedge.edge.runtime import OnnxRuntimeModel, choose_runtime, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,22 +55,38 @@ def test_tensorrt_module_imports_and_reports_why_it_cannot_run() -> None:
     assert reason
     if not usable:
         with pytest.raises(tensorrt_engine.TensorRTError, match="cannot run here"):
-            tensorrt_engine.build_engine(b"")
+            tensorrt_engine.build_engine(base_onnx())
 
 
-def test_tensorrt_build_refit_and_infer() -> None:
+def test_each_format_carries_its_precision_and_int8_engines_need_qdq() -> None:
+    assert tensorrt_engine.onnx_precision(base_onnx()) == "fp32"
+    assert tensorrt_engine.onnx_precision(int8_of()) == "int8"
+    assert tensorrt_engine.onnx_precision(fp16_of(base_onnx())) == "fp16"
+    with pytest.raises(tensorrt_engine.TensorRTError, match="Q/DQ"):  # refused before TensorRT is even needed
+        tensorrt_engine.build_engine(base_onnx(), precision="int8")
+
+
+def test_tensorrt_builds_each_format_refits_and_serves_plans() -> None:
     usable, reason = tensorrt_engine.available()
     if not usable:
         pytest.skip(f"TensorRT engine build needs TensorRT and a CUDA GPU: {reason}")
     x = target_data().tensors[0].numpy()[:16]
     reference = OnnxRuntimeModel(base_onnx()).predict(x)
-    model = tensorrt_engine.TensorRTModel.from_onnx(base_onnx(), batch=tensorrt_engine.BatchProfile(1, 16, 64))
+    profile = tensorrt_engine.BatchProfile(1, 16, 64)
+    model = tensorrt_engine.TensorRTModel.from_onnx(base_onnx(), batch=profile)  # fp32: TF32 off
     assert np.abs(model.predict(x) - reference).max() < 1e-3
     assert model.predict(x[:1]).shape == (1, 10)
+    for fmt in (fp16_of(base_onnx()), int8_of()):  # precision from the ONNX: fp16 weights, Q/DQ nodes
+        engine = tensorrt_engine.TensorRTModel.from_onnx(fmt, batch=profile)
+        assert not Thresholds().failures(agreement(engine.predict(x), reference))
     updated = onnx_variant("shifted")
     refitted = model.with_weights(updated)  # same graph, new weights: no rebuild
     assert np.abs(refitted.predict(x) - OnnxRuntimeModel(updated).predict(x)).max() < 1e-3
     assert np.abs(model.predict(x) - reference).max() < 1e-3  # the serving engine is untouched
+    assert model.plan is not None
+    again = tensorrt_engine.TensorRTModel.from_plan(model.plan)  # a plan built for this device class
+    np.testing.assert_allclose(again.predict(x), model.predict(x), atol=1e-5)
+    assert tensorrt_engine.device_class()
 
 
 def _patched_tensorrt_stubs(dest: Path) -> Path | None:
