@@ -24,7 +24,7 @@ from _edge_support import (
 )
 
 from fedge.edge.agent import AgentConfig, EdgeAgent
-from fedge.edge.artifacts import generate_key, make_manifest, sign_manifest
+from fedge.edge.artifacts import BundleFile, generate_key, make_manifest, sign_manifest
 from fedge.edge.registry import Registry, start
 from fedge.edge.runtime import OnnxRuntimeModel
 from fedge.protos import edge_pb2
@@ -45,6 +45,15 @@ def registry(tmp_path: Path) -> Iterator[tuple[Registry, str]]:
     server.stop(grace=0.5).wait()
 
 
+@pytest.fixture
+def device(tmp_path: Path, registry: tuple[Registry, str]) -> Iterator[EdgeAgent]:
+    """A started agent (labelled local data, default precisions) on the test's registry; stopped afterwards."""
+    reg, address = registry
+    agent = make_agent(tmp_path, address, reg)
+    yield agent
+    agent.stop()
+
+
 def make_agent(tmp_path: Path, address: str, reg: Registry, name: str = "cam-0", labels: bool | None = True,
                **options: object) -> EdgeAgent:
     """An agent on its own thread set (`labels`: labelled local data, unlabelled, or None: no data at all)."""
@@ -61,10 +70,22 @@ def make_agent(tmp_path: Path, address: str, reg: Registry, name: str = "cam-0",
     return agent
 
 
+def deploy(reg: Registry, agent: EdgeAgent, formats: dict[str, BundleFile]) -> str:
+    """Publish a version and wait until `agent` serves it; the format it chose."""
+    version = reg.publish(formats)
+    wait_until(lambda: agent.serving_version == version, what=f"v{version} to serve")
+    return served_format(agent)
+
+
 def serve_first(reg: Registry, agent: EdgeAgent, model: bytes) -> None:
     """Publish `model` (fp32) as v1 and wait until `agent` serves it."""
-    reg.publish(bundle(fp32=model))
-    wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
+    assert deploy(reg, agent, bundle(fp32=model)) == "fp32" and agent.serving_version == 1
+
+
+def served_format(agent: EdgeAgent) -> str:
+    """Which format of its version the device serves ("" before it serves any)."""
+    served = agent.serving.served
+    return served.format if served else ""
 
 
 def events(reg: Registry) -> list[dict]:
@@ -150,8 +171,7 @@ def test_tampered_and_wrongly_signed_artifacts_are_refused(tmp_path: Path, regis
         canonical, signature = sign_manifest(forged, rogue_key)
         assert agent.handle_notice(edge_pb2.DeploymentNotice(version=4, manifest=canonical, signature=signature)) == "refused"
         reg.key = genuine_key
-        reg.publish(bundle(fp32=models["v2"]))
-        wait_until(lambda: agent.serving_version == 4, what="the genuine v4 to serve")
+        deploy(reg, agent, bundle(fp32=models["v2"]))
     finally:
         agent.stop()
 
@@ -179,11 +199,9 @@ def test_a_damaged_int8_is_refused_by_agreement_and_fp32_keeps_serving(tmp_path:
     caller = threading.Thread(target=client)
     try:
         serve_first(reg, agent, models["v1"])
-        assert agent.serving.served is not None and agent.serving.served.format == "fp32"
+        assert served_format(agent) == "fp32"
         caller.start()
-        reg.publish(bundle(fp32=models["v2"], int8=damaged_int8(int8_of("shifted"))))
-        wait_until(lambda: agent.serving_version == 2, what="v2 to serve")
-        assert agent.serving.served is not None and agent.serving.served.format == "fp32"
+        assert deploy(reg, agent, bundle(fp32=models["v2"], int8=damaged_int8(int8_of("shifted")))) == "fp32"
         refused = agent.checks[2][0]
         assert refused.format == "int8" and not refused.passed and refused.reference == "device inputs"
         assert refused.agreement is not None and refused.agreement.top1 < 0.95
@@ -207,14 +225,12 @@ def test_a_device_without_data_checks_formats_against_the_signed_reference_set(t
     reg, address = registry
     agent = make_agent(tmp_path, address, reg, labels=None)
     try:
-        reg.publish(bundle(fp32=models["v1"], int8=damaged_int8(int8_of()), reference=reference_of(models["v1"])))
-        wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
-        assert agent.serving.served is not None and agent.serving.served.format == "fp32"
+        v1 = bundle(fp32=models["v1"], int8=damaged_int8(int8_of()), reference=reference_of(models["v1"]))
+        assert deploy(reg, agent, v1) == "fp32"
         assert [(c.format, c.passed, c.reference) for c in agent.checks[1]] == [
             ("int8", False, "reference set"), ("fp32", True, "reference set")]
-        reg.publish(bundle(fp32=models["v2"], int8=int8_of("shifted"), reference=reference_of(models["v2"])))
-        wait_until(lambda: agent.serving_version == 2, what="v2 to serve")
-        assert agent.serving.served is not None and agent.serving.served.format == "int8"
+        v2 = bundle(fp32=models["v2"], int8=int8_of("shifted"), reference=reference_of(models["v2"]))
+        assert deploy(reg, agent, v2) == "int8"
         chosen = agent.checks[2][-1]
         assert chosen.agreement is not None and chosen.agreement.top1 >= 0.95 and chosen.reference == "reference set"
         reg.publish(bundle(int8=int8_of("shifted")))  # v3: nothing to compare an int8 with
@@ -252,19 +268,15 @@ def test_two_devices_of_different_capabilities_serve_different_formats(tmp_path:
         half.stop()
 
 
-def test_a_model_that_fails_its_canary_is_not_served(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
-    reg, address = registry
-    agent = make_agent(tmp_path, address, reg)
-    try:
-        serve_first(reg, agent, models["v1"])
-        reg.publish(bundle(fp32=models["collapsed"]))
-        wait_until(lambda: 2 in agent.rejected, what="collapsed v2 to fail its canary")
-        assert "canary" in agent.rejected[2] and "collapsed" in agent.rejected[2]
-        assert agent.predict(target_data().tensors[0][:2].numpy())[1] == 1
-        reg.publish(bundle(fp32=models["v2"]))  # a good later version still deploys
-        wait_until(lambda: agent.serving_version == 3, what="v3 to serve")
-    finally:
-        agent.stop()
+def test_a_model_that_fails_its_canary_is_not_served(registry, device, models) -> None:  # type: ignore[no-untyped-def]
+    reg, _ = registry
+    agent = device
+    serve_first(reg, agent, models["v1"])
+    reg.publish(bundle(fp32=models["collapsed"]))
+    wait_until(lambda: 2 in agent.rejected, what="collapsed v2 to fail its canary")
+    assert "canary" in agent.rejected[2] and "collapsed" in agent.rejected[2]
+    assert agent.predict(target_data().tensors[0][:2].numpy())[1] == 1
+    deploy(reg, agent, bundle(fp32=models["v2"]))  # a good later version still deploys
 
 
 def test_live_failure_rolls_back_to_the_last_good_model(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
@@ -272,8 +284,7 @@ def test_live_failure_rolls_back_to_the_last_good_model(tmp_path: Path, registry
     agent = make_agent(tmp_path, address, reg)
     try:
         serve_first(reg, agent, models["v1"])
-        reg.publish(bundle(fp32=models["v2"]))
-        wait_until(lambda: agent.serving_version == 2, what="v2 to serve")
+        deploy(reg, agent, bundle(fp32=models["v2"]))
 
         class Broken:
             runtime = "onnxruntime-cpu"
@@ -314,62 +325,49 @@ def test_agent_restarts_on_its_last_verified_model(tmp_path: Path, registry, mod
         again.stop()
 
 
-def test_weight_only_update_is_applied_and_checked_against_its_signed_target(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
+def test_weight_only_update_is_applied_and_checked_against_its_signed_target(registry, device, models) -> None:  # type: ignore[no-untyped-def]
     from fedge.edge.publish import weight_update
 
-    reg, address = registry
-    agent = make_agent(tmp_path, address, reg)
-    try:
-        serve_first(reg, agent, models["v1"])
-        update = weight_update(models["v1"], 1, models["v2"])
-        wrong = dataclasses.replace(update, metadata={**update.metadata, "target_sha256": "0" * 64})
-        reg.publish({"fp32": wrong})  # v2: target does not match
-        wait_until(lambda: 2 in agent.rejected, what="a weight update with a wrong target to be refused")
-        assert "artifact refused" in agent.rejected[2] and "hashes to" in agent.rejected[2]
-        reg.publish({"fp32": update})  # v3: applies to v1 and yields exactly the new model
-        wait_until(lambda: agent.serving_version == 3, what="the weight update to serve")
-        assert (agent.workdir / "models" / "v000003" / "fp32.bin").read_bytes() == models["v2"]
-    finally:
-        agent.stop()
+    reg, _ = registry
+    agent = device
+    serve_first(reg, agent, models["v1"])
+    update = weight_update(models["v1"], 1, models["v2"])
+    wrong = dataclasses.replace(update, metadata={**update.metadata, "target_sha256": "0" * 64})
+    reg.publish({"fp32": wrong})  # v2: target does not match
+    wait_until(lambda: 2 in agent.rejected, what="a weight update with a wrong target to be refused")
+    assert "artifact refused" in agent.rejected[2] and "hashes to" in agent.rejected[2]
+    deploy(reg, agent, {"fp32": update})  # v3: applies to v1 and yields exactly the new model
+    assert (agent.workdir / "models" / "v000003" / "fp32.bin").read_bytes() == models["v2"]
 
 
-def test_an_int8_device_takes_an_int8_weight_update_checked_against_the_reference_set(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
+def test_an_int8_device_takes_an_int8_weight_update_checked_against_the_reference_set(registry, device, models) -> None:  # type: ignore[no-untyped-def]
     """A device serving INT8 has no fp32 of the new weights: the update's reference set is what it checks against."""
     from fedge.edge.publish import weight_update
 
-    reg, address = registry
-    agent = make_agent(tmp_path, address, reg)
-    try:
-        reg.publish(bundle(fp32=models["v1"], int8=int8_of()))
-        wait_until(lambda: agent.serving_version == 1, what="v1 to serve")
-        assert agent.serving.served is not None and agent.serving.served.format == "int8"
-        update = {"int8": weight_update(int8_of(), 1, int8_of("shifted"), "int8")}
-        reg.publish(update)  # v2: no reference set, no fp32: nothing to compare with
-        wait_until(lambda: 2 in agent.rejected, what="an uncheckable update to be refused")
-        assert "no fp32 reference" in agent.rejected[2]
-        reg.publish({**update, **bundle(reference=reference_of(models["v2"]))})  # v3: with the new reference set
-        wait_until(lambda: agent.serving_version == 3, what="the int8 weight update to serve")
-        assert agent.serving.served is not None and agent.serving.served.format == "int8"
-        assert agent.checks[3][-1].reference == "reference set"
-        x = target_data().tensors[0][:16].numpy()  # the quantizer's model, up to the order of its initializers
-        np.testing.assert_array_equal(agent.predict(x)[0], OnnxRuntimeModel(int8_of("shifted"), threads=1).predict(x))
-    finally:
-        agent.stop()
+    reg, _ = registry
+    agent = device
+    assert deploy(reg, agent, bundle(fp32=models["v1"], int8=int8_of())) == "int8"
+    update = {"int8": weight_update(int8_of(), 1, int8_of("shifted"), "int8")}
+    reg.publish(update)  # v2: no reference set, no fp32: nothing to compare with
+    wait_until(lambda: 2 in agent.rejected, what="an uncheckable update to be refused")
+    assert "no fp32 reference" in agent.rejected[2]
+    with_reference = {**update, **bundle(reference=reference_of(models["v2"]))}  # v3: with the new reference set
+    assert deploy(reg, agent, with_reference) == "int8"
+    assert agent.checks[3][-1].reference == "reference set"
+    x = target_data().tensors[0][:16].numpy()  # the quantizer's model, up to the order of its initializers
+    np.testing.assert_array_equal(agent.predict(x)[0], OnnxRuntimeModel(int8_of("shifted"), threads=1).predict(x))
 
 
-def test_uploaded_samples_are_stored_with_their_predictions(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]
-    reg, address = registry
-    agent = make_agent(tmp_path, address, reg)
-    try:
-        serve_first(reg, agent, models["v1"])
-        data = target_data()
-        x, y = data.tensors[0][:3].numpy(), data.tensors[1][:3].numpy()
-        assert agent.upload_samples(x, y) == 3
-        stored = list((reg.workdir / "samples" / "cam-0").glob("v000001-*.npz"))
-        assert len(stored) == 1
-        with np.load(stored[0]) as npz:
-            np.testing.assert_array_equal(npz["x1"], x[1])
-            assert int(npz["y2"]) == int(y[2])
-            assert npz["p0"].shape == (10,) and abs(float(npz["p0"].sum()) - 1.0) < 1e-5
-    finally:
-        agent.stop()
+def test_uploaded_samples_are_stored_with_their_predictions(registry, device, models) -> None:  # type: ignore[no-untyped-def]
+    reg, _ = registry
+    agent = device
+    serve_first(reg, agent, models["v1"])
+    data = target_data()
+    x, y = data.tensors[0][:3].numpy(), data.tensors[1][:3].numpy()
+    assert agent.upload_samples(x, y) == 3
+    stored = list((reg.workdir / "samples" / "cam-0").glob("v000001-*.npz"))
+    assert len(stored) == 1
+    with np.load(stored[0]) as npz:
+        np.testing.assert_array_equal(npz["x1"], x[1])
+        assert int(npz["y2"]) == int(y[2])
+        assert npz["p0"].shape == (10,) and abs(float(npz["p0"].sum()) - 1.0) < 1e-5
