@@ -167,13 +167,19 @@ def edge_deploy(
     devices: Annotated[int, typer.Option(help="edge agents to start (separate processes on loopback)")] = 3,
     scenario: str = "digits-shift",
     workdir: Annotated[Path, typer.Option(help="registry and agents' folders")] = Path("fedge-out/edge-deploy"),
+    precisions: Annotated[list[str] | None, typer.Option(
+        help="per device, in order: the precisions it declares, e.g. fp16,fp32 ('' : what its CPU allows)")] = None,
+    emulate: Annotated[list[str] | None, typer.Option(
+        help="per device, in order: an x86-64 CPU model to run it on under qemu-user, e.g. Haswell-noTSX "
+             "(AVX2 without VNNI); '': this machine's CPU")] = None,
 ) -> None:
     """Export the scenario's base model and deploy it to a local fleet of edge agents; print the fleet's report."""
     from fedge.edge.fleet import deploy_to_edge
     from fedge.scenario import load_scenario
 
     sc = load_scenario(scenario)
-    report = deploy_to_edge(sc.base_model(), sc.client_data(0, 1).test, devices, workdir)
+    report = deploy_to_edge(sc.base_model(), sc.client_data(0, 1).test, devices, workdir, precisions=precisions,
+                            emulate=emulate)
     console.print_json(json.dumps(report))
 
 

@@ -10,7 +10,9 @@ chose and what its own telemetry says.
 from __future__ import annotations
 
 import os
+import platform
 import secrets
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -47,11 +49,22 @@ def start_registry(workdir: Path, token: str, timeout: float = 30.0) -> tuple[Ch
     return proc, address, public_key
 
 
+def emulator(cpu: str) -> list[str]:
+    """The command prefix that runs this machine's Python on an emulated x86-64 CPU model (qemu-user), e.g.
+    "Haswell-noTSX" (AVX2 without VNNI); numpy's CPUID detection and ONNX Runtime's kernels see that CPU."""
+    if shutil.which("qemu-x86_64") is None:
+        raise DeployError("emulating a CPU needs qemu-user (qemu-x86_64), e.g. `apt-get install qemu-user`")
+    if platform.machine() != "x86_64":
+        raise DeployError("qemu-user runs this machine's Python only on an x86-64 host")
+    return ["qemu-x86_64", "-cpu", cpu]
+
+
 def start_agent(address: str, device_id: str, public_key: Path, workdir: Path, data: Path | None = None,
-                tier: str = "mid", extra: list[str] | None = None) -> ChildProcess:
-    """Launch `fedge edge agent` (`extra`: further options of that command)."""
+                tier: str = "mid", extra: list[str] | None = None, launcher: list[str] | None = None) -> ChildProcess:
+    """Launch `fedge edge agent` (`extra`: further options of that command; `launcher`: a command prefix to run it
+    under, such as `emulator(cpu)`)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    command = [*_CLI, "edge", "agent", "--registry", address, "--device-id", device_id, "--public-key", str(public_key),
+    command = [*(launcher or []), *_CLI, "edge", "agent", "--registry", address, "--device-id", device_id, "--public-key", str(public_key),
                "--workdir", str(workdir), "--tier", tier, "--report-interval", "0.3", *(extra or [])]
     if data is not None:
         command += ["--data", str(data)]
@@ -96,13 +109,17 @@ def _shards(data: TensorDataset, devices: int) -> list[tuple[np.ndarray, np.ndar
 
 
 def deploy_to_edge(model: nn.Module, test_data: TensorDataset, devices: int, workdir: str | Path,
-                   timeout_s: float = 120.0) -> dict[str, Any]:
+                   timeout_s: float = 120.0, precisions: list[str] | None = None,
+                   emulate: list[str] | None = None) -> dict[str, Any]:
     """Export `model` as one version (fp32, int8, fp16, a reference set), publish it, and wait until `devices` edge
     agents serve it, each in the smallest format that passes its checks against fp32 on its own inputs.
 
     Each agent serves its shard of `test_data` (labelled) once, request by
     request, so the returned accuracy and p50 latency (batch 1) come from the
     devices' own telemetry, in the format each chose (results.json's "edge" entry).
+    `precisions`: per device, what it declares it takes (e.g. "fp16,fp32"; "" for
+    what its capabilities allow). `emulate`: per device, an x86-64 CPU model to run
+    it on under qemu-user (e.g. "Haswell-noTSX"; "" for this machine's CPU).
     """
     if devices < 1:
         raise ValueError("devices must be >= 1")
@@ -125,8 +142,10 @@ def deploy_to_edge(model: nn.Module, test_data: TensorDataset, devices: int, wor
             data_path = workdir / "agents" / name / "data.npz"
             data_path.parent.mkdir(parents=True, exist_ok=True)
             np.savez(data_path, x=x, y=y)
+            declared, cpu = (_nth(options, i) for options in (precisions, emulate))
+            extra = ["--serve-passes", "1", *(["--precisions", declared] if declared else [])]  # each sample once
             agents.append(start_agent(address, name, public_key, workdir / "agents" / name, data_path, tier_for(i).tier,
-                                      extra=["--serve-passes", "1"]))  # telemetry covers each sample once
+                                      extra=extra, launcher=emulator(cpu) if cpu else None))
             names.append(name)
             sizes[name] = len(x)
         reply = publish(address, token, result.formats, result.metadata)
@@ -136,6 +155,10 @@ def deploy_to_edge(model: nn.Module, test_data: TensorDataset, devices: int, wor
             proc.stop(grace=10.0)
         registry.stop(grace=10.0)
     return edge_report(result, reply, fleet)
+
+
+def _nth(options: list[str] | None, i: int) -> str:
+    return options[i] if options and i < len(options) else ""
 
 
 def edge_report(result: ExportResult, reply: edge_pb2.PublishReply,

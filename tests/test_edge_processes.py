@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import platform
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from _edge_support import base_onnx, bundle, target_data, to_npz, trained_model, wait_until
 
@@ -63,7 +66,7 @@ def test_agent_killed_mid_download_resumes_from_its_partial_offset(tmp_path: Pat
 
 
 def test_deploy_to_edge_reaches_every_device(tmp_path: Path) -> None:
-    report = deploy_to_edge(trained_model(), target_data(), devices=2, workdir=tmp_path)
+    report = deploy_to_edge(trained_model(), target_data(), devices=2, workdir=tmp_path, precisions=["", "fp16,fp32"])
     assert set(report) == {"devices", "deployed", "runtime", "host", "artifact", "fp32", "int8", "fp16",
                            "formats_served", "fleet", "p50_latency_ms", "accuracy"}
     assert report["devices"] == 2 and report["deployed"] == 2
@@ -76,13 +79,36 @@ def test_deploy_to_edge_reaches_every_device(tmp_path: Path) -> None:
     assert report["int8"]["bytes"] <= 0.35 * report["fp32"]["bytes"] and report["int8"]["weight_bits"] == 7
     assert abs(report["int8"]["accuracy"] - report["fp32"]["accuracy"]) <= 0.01
     assert report["p50_latency_ms"] > 0
-    # Both devices take int8 first and it agrees with fp32 on their own inputs, so both serve it.
-    assert report["formats_served"] == {"int8": 2}
-    for device in report["fleet"].values():
-        assert device["format"] == "int8" and device["failures"] == 0 and device["precisions"] == ["int8", "fp32"]
-        check = device["checks"]["int8"]
-        assert check["passed"] and check["reference"] == "device inputs" and check["top1"] >= 0.95
-    # Each device served its shard once, so the fleet's telemetry accuracy is the int8 model's accuracy on the data.
+    # edge-0 takes what its CPU allows (int8 first), edge-1 declared fp16 first (`--precisions`): two formats.
+    assert report["formats_served"] == {"int8": 1, "fp16": 1}
+    fleet = report["fleet"]
+    assert fleet["edge-0"]["precisions"] == ["int8", "fp32"] and fleet["edge-1"]["precisions"] == ["fp16", "fp32"]
     x, y = target_data().tensors[0].numpy(), target_data().tensors[1].numpy()
+    shards = dict(zip(("edge-0", "edge-1"), np.array_split(np.arange(len(x)), 2)))
+    for name, device in fleet.items():
+        check = device["checks"][device["format"]]
+        assert check["passed"] and check["reference"] == "device inputs" and check["top1"] >= 0.95
+        assert device["failures"] == 0 and device["predictions"] == len(shards[name])
+        # Each device served its shard once, so its telemetry accuracy is its format's accuracy on that shard.
+        served = (tmp_path / "registry" / "artifacts" / "v000001" / f"{device['format']}.bin").read_bytes()
+        assert device["accuracy"] == pytest.approx(accuracy(served, x[shards[name]], y[shards[name]]), abs=1e-9)
+
+
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None or platform.machine() != "x86_64",
+                    reason="emulating an x86-64 CPU without VNNI needs qemu-user (qemu-x86_64) on an x86-64 host")
+def test_an_agent_on_an_emulated_cpu_without_vnni_serves_int8_at_full_accuracy(tmp_path: Path) -> None:
+    """On x86 without VNNI, ONNX Runtime sums pairs of int8 products in int16; under qemu that kernel really runs.
+
+    With full-range int8 weights this device would refuse int8 (its agreement with fp32 drops); with the export's
+    7-bit weights it takes int8 and its outputs equal this machine's, so its accuracy is the int8 accuracy here.
+    """
+    report = deploy_to_edge(trained_model(), target_data(), devices=2, workdir=tmp_path, timeout_s=600,
+                            emulate=["", "Haswell-noTSX"])
+    emulated = report["fleet"]["edge-1"]
+    assert emulated["int8_kernel"] == "pmaddubsw" and "AVX2" in emulated["isa"] and "AVX512VNNI" not in emulated["isa"]
+    assert report["formats_served"] == {"int8": 2}
+    x, y = target_data().tensors[0].numpy(), target_data().tensors[1].numpy()
+    shard = np.array_split(np.arange(len(x)), 2)[1]
     int8 = (tmp_path / "registry" / "artifacts" / "v000001" / "int8.bin").read_bytes()
-    assert report["accuracy"] == pytest.approx(accuracy(int8, x, y), abs=1e-9)
+    assert emulated["accuracy"] == pytest.approx(accuracy(int8, x[shard], y[shard]), abs=1e-9)
+    assert emulated["checks"]["int8"]["top1"] >= 0.95 and emulated["failures"] == 0
