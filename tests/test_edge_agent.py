@@ -246,7 +246,7 @@ def test_two_devices_of_different_capabilities_serve_different_formats(tmp_path:
     from fedge.cli import app
 
     reg, address = registry
-    cpu = make_agent(tmp_path, address, reg, "cam-cpu")  # what this CPU allows: int8, then fp32
+    cpu = make_agent(tmp_path, address, reg, "cam-cpu")  # what this CPU allows: int8, fp16, fp32
     half = make_agent(tmp_path, address, reg, "cam-fp16", precisions=("fp16", "fp32"))  # declared: fp16 first
     try:
         reg.publish(bundle(fp32=models["v1"], int8=int8_of(), fp16=fp16_of(models["v1"])))
@@ -262,7 +262,8 @@ def test_two_devices_of_different_capabilities_serve_different_formats(tmp_path:
         assert result.exit_code == 0, result.output
         rows = {cells[0]: cells for line in result.output.splitlines()
                 if (cells := [c.strip() for c in line.strip("│ ").split("│")])[0].startswith("cam-")}
-        assert rows["cam-cpu"][3:6] == ["v1", "int8", "int8,fp32"] and rows["cam-fp16"][3:6] == ["v1", "fp16", "fp16,fp32"]
+        assert rows["cam-cpu"][3:6] == ["v1", "int8", "int8,fp16,fp32"]
+        assert rows["cam-fp16"][3:6] == ["v1", "fp16", "fp16,fp32"]
     finally:
         cpu.stop()
         half.stop()

@@ -49,9 +49,9 @@ def _caps(features: dict[str, bool]) -> Capabilities:
 
 
 def test_precisions_follow_runtime_and_cpu() -> None:
-    assert preferred_precisions("onnxruntime-cpu", _caps(HASWELL)) == ("int8", "fp32")  # 7-bit weights: safe here
+    assert preferred_precisions("onnxruntime-cpu", _caps(HASWELL)) == ("int8", "fp16", "fp32")  # 7-bit: safe here
     assert preferred_precisions("onnxruntime-cpu", _caps(NEOVERSE_N1)) == ("int8", "fp16", "fp32")
-    assert preferred_precisions("onnxruntime-cpu", _caps({})) == ("fp32",)
+    assert preferred_precisions("onnxruntime-cpu", _caps({})) == ("fp16", "fp32")
     assert preferred_precisions("onnxruntime-cuda", _caps(HASWELL)) == ("fp16", "fp32")
     assert preferred_precisions("tensorrt", _caps(HASWELL)) == ("int8", "fp16", "fp32")
 

@@ -82,7 +82,7 @@ def test_deploy_to_edge_reaches_every_device(tmp_path: Path) -> None:
     # edge-0 takes what its CPU allows (int8 first), edge-1 declared fp16 first (`--precisions`): two formats.
     assert report["formats_served"] == {"int8": 1, "fp16": 1}
     fleet = report["fleet"]
-    assert fleet["edge-0"]["precisions"] == ["int8", "fp32"] and fleet["edge-1"]["precisions"] == ["fp16", "fp32"]
+    assert fleet["edge-0"]["precisions"] == ["int8", "fp16", "fp32"] and fleet["edge-1"]["precisions"] == ["fp16", "fp32"]
     x, y = target_data().tensors[0].numpy(), target_data().tensors[1].numpy()
     shards = dict(zip(("edge-0", "edge-1"), np.array_split(np.arange(len(x)), 2)))
     for name, device in fleet.items():
