@@ -115,7 +115,8 @@ def preferred_precisions(runtime: str, capabilities: Capabilities) -> tuple[str,
     runs Q/DQ int8 through fp32 dequantization, so int8 gains nothing there. ONNX Runtime's
     CPU provider has int8 kernels on every x86-64 and ARM SIMD CPU (with 7-bit weights, exact
     on all of them); an fp16 format costs half of fp32's download and, its weight casts
-    folded when the session loads, runs at fp32's speed, so it is the fallback before fp32.
+    folded when the session loads, runs at fp32's speed (measured: docs/edge.md), so it is
+    the fallback before fp32.
     """
     if runtime == "onnxruntime-cuda":
         return ("fp16", "fp32")

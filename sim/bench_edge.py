@@ -4,7 +4,9 @@
    ONNX Runtime uses there, since INT8 accuracy and speed depend on them.
 1. Formats: size, accuracy and agreement with fp32 (top-1, max logit difference)
    of INT8 (QDQ and dynamic) and FP16 on held-out data, computed here.
-2. Latency: PyTorch eager vs ONNX Runtime fp32, INT8 and FP16, batch 1 and 32 (median of repeats).
+2. Latency: PyTorch eager vs ONNX Runtime CPU fp32, INT8 and FP16, batch 1 and 32 (median of repeats),
+   and where this machine has them ONNX Runtime CUDA (fp32, fp16) and TensorRT engines (fp32, fp16,
+   INT8 from the Q/DQ model); the table says which were not measured and why.
 3. Push: a full artifact vs a weight-only update (only the changed initializers),
    through a real registry process over gRPC on loopback: bytes on the wire and
    seconds from publish to a loaded, servable model on the receiving side.
@@ -28,6 +30,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import torch
 
 from fedge.edge.agreement import agreement
@@ -54,12 +57,37 @@ def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 5) -> float
     return statistics.median(times)
 
 
-def latency(model: torch.nn.Module, variants: dict[str, bytes], x: np.ndarray, repeats: int, threads: int) -> list[dict[str, Any]]:
+def accelerated_engines(variants: dict[str, bytes]) -> tuple[dict[str, Callable[[np.ndarray], object]], list[str]]:
+    """The GPU engines this machine has for the formats (ONNX Runtime CUDA fp32/fp16; TensorRT fp32/fp16/int8
+    built from the same ONNX), and why each missing one is missing."""
+    from fedge.edge import tensorrt_engine
+    from fedge.edge.runtime import OnnxRuntimeModel
+
+    engines: dict[str, Callable[[np.ndarray], object]] = {}
+    missing = []
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        for name in ("fp32", "fp16"):
+            engines[f"onnxruntime-cuda {name}"] = OnnxRuntimeModel(variants[name], "onnxruntime-cuda").predict
+    else:
+        missing.append("onnxruntime-cuda: ONNX Runtime has no CUDA provider here")
+    usable, reason = tensorrt_engine.available()
+    if usable:
+        for name in ("fp32", "fp16", "int8 qdq"):
+            engines[f"tensorrt {name}"] = tensorrt_engine.TensorRTModel.from_onnx(variants[name]).predict
+    else:
+        missing.append(f"tensorrt: {reason}")
+    return engines, missing
+
+
+def latency(model: torch.nn.Module, variants: dict[str, bytes], x: np.ndarray, repeats: int, threads: int,
+            accelerated: dict[str, Callable[[np.ndarray], object]] | None = None) -> list[dict[str, Any]]:
     """Median latency per engine and batch size, and each one's speed-up over PyTorch eager."""
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        sessions = {f"onnxruntime {name}": ort_session(data, threads=threads) for name, data in variants.items()}
+        engines: dict[str, Callable[[np.ndarray], object]] = {
+            f"onnxruntime {name}": partial(_run, ort_session(data, threads=threads)) for name, data in variants.items()}
+        engines.update(accelerated or {})
         rows = []
         for batch in (1, 32):
             xb = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])), dtype=np.float32)
@@ -67,12 +95,16 @@ def latency(model: torch.nn.Module, variants: dict[str, bytes], x: np.ndarray, r
             with torch.inference_mode():
                 eager = _median_ms(partial(model, xt), repeats)
             rows.append({"engine": "pytorch eager", "batch": batch, "median_ms": eager, "speedup_vs_torch": 1.0})
-            for name, sess in sessions.items():
-                ms = _median_ms(partial(sess.run, None, {"input": xb}), repeats)
+            for name, run in engines.items():
+                ms = _median_ms(partial(run, xb), repeats)
                 rows.append({"engine": name, "batch": batch, "median_ms": ms, "speedup_vs_torch": eager / ms})
     finally:
         torch.set_num_threads(torch_threads)
     return rows
+
+
+def _run(session: ort.InferenceSession, x: np.ndarray) -> object:
+    return session.run(None, {"input": x})
 
 
 def _fetch(address: str, version: int) -> bytes:
@@ -129,10 +161,10 @@ def bench_edge(scenario: str = "digits-shift", repeats: int = 50, threads: int =
     logits = {name: run_onnx(data, x.numpy()) for name, data in variants.items()}
     quality = {}
     for name, data in variants.items():
-        a = agreement(logits[name], logits["fp32"])
+        versus = agreement(logits[name], logits["fp32"])
         quality[name] = {"bytes": len(data), "accuracy": float((logits[name].argmax(1) == y).mean()),
-                         "agreement_vs_fp32": a.top1, "max_logit_diff_vs_fp32": a.max_logit_diff,
-                         "relative_diff_vs_fp32": a.relative_diff}
+                         "agreement_vs_fp32": versus.top1, "max_logit_diff_vs_fp32": versus.max_logit_diff,
+                         "relative_diff_vs_fp32": versus.relative_diff}
 
     head = copy.deepcopy(model)  # a head-only update: what forward-only cloud-edge adaptation sends down
     lora_all = copy.deepcopy(model)  # LoRA merged into every target layer changes every weight matrix
@@ -149,9 +181,11 @@ def bench_edge(scenario: str = "digits-shift", repeats: int = 50, threads: int =
     updates = {"head only (fc2)": to_onnx(head, x[:2]), "LoRA merged, all layers": to_onnx(lora_all, x[:2])}
     with tempfile.TemporaryDirectory() as tmp:
         rows_push = push(fp32, updates, Path(workdir) if workdir else Path(tmp))
+    accelerated, not_measured = accelerated_engines(variants)
     return {
         "cpu": detect().as_dict(),
-        "latency": latency(model, variants, x.numpy(), repeats, threads),
+        "latency": latency(model, variants, x.numpy(), repeats, threads, accelerated),
+        "not_measured": not_measured,
         "push": rows_push,
         "variants": quality,
         "eval_samples": len(y),
@@ -178,6 +212,8 @@ def print_tables(result: dict[str, Any], console: Any = None) -> None:
     for r in result["latency"]:
         lat.add_row(r["engine"], str(r["batch"]), f"{r['median_ms']:.3f}", f"{r['speedup_vs_torch']:.2f}x")
     console.print(lat)
+    for reason in result.get("not_measured", []):
+        console.print(f"not measured: {reason}")
     push_t = Table(title="push: full artifact vs weight-only update (registry over gRPC, to a loaded session)",
                    title_justify="left")
     weak = TIERS["weak"].downlink_mbps
