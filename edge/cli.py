@@ -9,50 +9,106 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fedge.console import console
+from fedge.console import console, progress_bars
+from fedge.errors import UserError
+
+if TYPE_CHECKING:
+    from fedge.edge.export import ExportSource
+
+#: finds a finished run's model: (its --out folder, a method, or a checkpoint folder) -> what to export or deploy.
+#: The top-level CLI supplies it (rebuilding a method's model needs the methods, which the edge never imports).
+RunSource = Callable[[Path | None, str | None, Path | None], "ExportSource"]
+_run_source: RunSource | None = None
+
+
+class Int8Mode(str, Enum):
+    qdq = "qdq"
+    dynamic = "dynamic"
 
 registry_app = typer.Typer(help="The model registry that publishes signed artifacts to edge agents.", no_args_is_help=True)
 edge_app = typer.Typer(help="Edge devices: the agent, and a local fleet deployment.", no_args_is_help=True)
 
 RegistryAddress = Annotated[str, typer.Option(help="HOST:PORT of the registry")]
-RootCertificates = Annotated[Path | None, typer.Option(help="the registry's CA (PEM, e.g. ca.crt): connect over TLS")]
+RootCertificates = Annotated[Path | None, typer.Option(
+    help="the registry's CA (PEM, e.g. ca.crt): connect over TLS", exists=True, dir_okay=False)]
 
 
 def export_cmd(
-    out: Annotated[Path, typer.Option(help="folder for model.onnx, model.int8.onnx, model.fp16.onnx, export.json")] = Path("fedge-out/export"),
-    scenario: str = "digits-shift",
-    weights: Annotated[Path | None, typer.Option(help="state dict (.safetensors or torch) to load into the model")] = None,
-    int8_mode: Annotated[str, typer.Option(help="qdq (calibrated, TensorRT-ready) or dynamic")] = "qdq",
+    out: Annotated[Path | None, typer.Option(
+        help="folder for model.onnx, model.int8.onnx, model.fp16.onnx, export.json (default FROM/export, "
+             "else fedge-out/export)")] = None,
+    from_run: Annotated[Path | None, typer.Option(
+        "--from", help="a run's --out folder (`fedge run`, `fedge deploy-local`): export its federated model")] = None,
+    method: Annotated[str | None, typer.Option(help="with --from: whose model (default: the run's first method)")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="a checkpoint folder (OUT/checkpoints/METHOD-HASH): export the model it holds")] = None,
+    scenario: Annotated[str, typer.Option(help="without --from/--checkpoint: export this scenario's base model")] = "digits-shift",
+    weights: Annotated[Path | None, typer.Option(
+        help="a state dict (.safetensors or torch) to load into the scenario's base model")] = None,
+    int8_mode: Annotated[Int8Mode, typer.Option(help="qdq (calibrated, TensorRT-ready) or dynamic")] = Int8Mode.qdq,
     fp16: Annotated[bool, typer.Option(help="also write an FP16 variant")] = True,
 ) -> None:
-    """Export a model to ONNX (checked against PyTorch), with INT8 and FP16 variants."""
+    """Export a model to ONNX (checked against PyTorch), with INT8 and FP16 variants: a run's federated model
+    (--from OUT, or --checkpoint) or a scenario's base model."""
     from fedge.edge.export import export
+    from fedge.outputs import EXPORT, check_out_dir
 
-    report = export(out, scenario=scenario, weights=weights, int8_mode=int8_mode, fp16=fp16)
-    console.print(f"max |ONNX - PyTorch| {report['max_abs_diff_vs_torch']:.2e}; fp32 {report['fp32_bytes'] / 1e3:.0f} KB "
-                  f"acc {report['fp32_accuracy']:.4f}; int8 {report['int8_bytes_ratio']:.1%} of fp32, acc "
-                  f"{report['int8_accuracy']:.4f}; wrote {out}")
+    source_out = check_out_dir(out if out is not None else (from_run or Path("fedge-out")) / EXPORT)
+    with progress_bars():
+        source = model_source(from_run, method, checkpoint, scenario, weights)
+        summary = export(source_out, source, int8_mode=int8_mode.value, fp16=fp16)
+    what = (f"{summary['method']} after round {summary['round']} (federated accuracy {summary['federated_accuracy']:.4f})"
+            if summary.get("model") == "federated" else f"{summary['scenario']} {summary['model']} model")
+    console.print(f"exported {what}: fp32 {summary['fp32_bytes'] / 1e3:.0f} KB, accuracy {summary['fp32_accuracy']:.4f}, "
+                  f"max |ONNX - PyTorch| {summary['max_abs_diff_vs_torch']:.2e}; int8 {summary['int8_bytes_ratio']:.1%} of "
+                  f"fp32, accuracy {summary['int8_accuracy']:.4f}; wrote {source_out}")
+
+
+def model_source(from_run: Path | None, method: str | None, checkpoint: Path | None, scenario: str,
+                 weights: Path | None) -> ExportSource:
+    """What to export or deploy: a run's model (--from / --checkpoint) or a scenario's base model (--weights)."""
+    from fedge.edge.export import scenario_source
+
+    if sum(x is not None for x in (from_run, checkpoint, weights)) > 1:
+        raise typer.BadParameter("give one of --from, --checkpoint and --weights", param_hint="--from")
+    if method is not None and from_run is None:
+        raise typer.BadParameter("--method picks a method of a run: give the run with --from", param_hint="--method")
+    if from_run is None and checkpoint is None:
+        return scenario_source(scenario, weights)
+    if _run_source is None:
+        raise UserError("this command line was built without access to runs", "run it as `fedge ...`")
+    return _run_source(from_run, method, checkpoint)
 
 
 @registry_app.command("serve")
 def registry_serve(
     workdir: Annotated[Path, typer.Option(help="artifacts, keys, telemetry and samples")] = Path("fedge-out/registry"),
     host: str = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="0 picks a free port; `REGISTRY HOST:PORT` and `PUBLIC_KEY PATH` are printed")] = 50051,
-    key: Annotated[Path | None, typer.Option(help="Ed25519 private key PEM (default WORKDIR/registry.pem, created)")] = None,
-    publish: Annotated[Path | None, typer.Option(help="an ONNX file to publish as the first version")] = None,
-    tls_certificate: Annotated[Path | None, typer.Option(help="PEM certificate (e.g. `fedge certs`' server.pem): TLS only")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="its PEM private key (server.key)")] = None,
+    port: Annotated[int, typer.Option(min=0, max=65535,
+                                      help="0 picks a free port; `REGISTRY HOST:PORT` and `PUBLIC_KEY PATH` are printed")] = 50051,
+    key: Annotated[Path | None, typer.Option(
+        help="Ed25519 private key PEM (default WORKDIR/registry.pem, created)", dir_okay=False)] = None,
+    publish: Annotated[Path | None, typer.Option(
+        help="an ONNX file to publish as the first version", exists=True, dir_okay=False)] = None,
+    tls_certificate: Annotated[Path | None, typer.Option(
+        help="PEM certificate (e.g. `fedge certs`' server.pem): TLS only", exists=True, dir_okay=False)] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="its PEM private key (server.key)", exists=True, dir_okay=False)] = None,
 ) -> None:
     """Serve the registry over gRPC until interrupted; publishing needs FEDGE_PUBLISH_TOKEN."""
     from fedge.edge.registry import serve
+    from fedge.outputs import check_out_dir
 
-    serve(workdir, host, port, key, publish=publish, tls_certificate=tls_certificate, tls_key=tls_key)
+    if (tls_certificate is None) != (tls_key is None):
+        raise typer.BadParameter("TLS needs both --tls-certificate and --tls-key", param_hint="--tls-key")
+    serve(check_out_dir(workdir, "--workdir"), host, port, key, publish=publish, tls_certificate=tls_certificate,
+          tls_key=tls_key)
 
 
 @registry_app.command("publish")
@@ -60,21 +116,50 @@ def registry_publish(
     file: Annotated[Path, typer.Argument(help="the artifact (an ONNX file)", exists=True, dir_okay=False)],
     registry: RegistryAddress,
     token: Annotated[str, typer.Option(envvar="FEDGE_PUBLISH_TOKEN", help="the registry's publish token")],
-    fmt: Annotated[str, typer.Option("--format", help="onnx, onnx-int8 or onnx-fp16")] = "onnx",
+    fmt: Annotated[str | None, typer.Option(
+        "--format", help="onnx, onnx-int8 or onnx-fp16 (default: from the export.json beside FILE, else onnx)")] = None,
     root_certificates: RootCertificates = None,
 ) -> None:
-    """Publish FILE as the registry's next version; watching agents fetch it."""
+    """Publish FILE as the registry's next version; watching agents fetch it. A file `fedge export` wrote goes
+    with its export.json's facts (origin, accuracy, checks) in the signed manifest."""
     import grpc
 
     from fedge.edge.publish import publish
 
+    exported_format, metadata = export_facts(file)
     try:
-        reply = publish(registry, token, file.read_bytes(), fmt, {"source": file.name},
+        reply = publish(registry, token, file.read_bytes(), fmt or exported_format, metadata,
                         root_certificates=root_certificates)
     except grpc.RpcError as err:
-        console.print(f"[red]not published[/red]: {err.code().name}: {err.details()}")
-        raise typer.Exit(1) from err
+        raise registry_error(registry, err, "not published") from err
     console.print(f"published v{reply.version}: {reply.bytes} bytes, sha256 {reply.sha256}")
+
+
+def export_facts(file: Path) -> tuple[str, dict[str, Any]]:
+    """The format and manifest metadata of an artifact: from the export.json beside it when `fedge export` wrote it."""
+    from fedge.edge.export import EXPORT_REPORT
+
+    report_path = file.parent / EXPORT_REPORT
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    variant = next((k for k, v in report.get("files", {}).items() if Path(v).name == file.name), None)
+    if variant is None:
+        return "onnx", {"source": file.name}
+    facts = {k: v for k, v in report.items() if k != "files" and v is not None}
+    return {"fp32": "onnx", "int8": "onnx-int8", "fp16": "onnx-fp16"}[variant], {**facts, "source": file.name}
+
+
+def registry_error(registry: str, err: Any, what: str) -> UserError:
+    """A failed call to the registry (`err`: a grpc.RpcError), said in the user's terms."""
+    import grpc
+
+    code, details = err.code(), err.details()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return UserError(f"{what}: the registry at {registry} is not reachable ({code.name}: {details})",
+                         "start it with `fedge registry serve`, or check --registry (and --root-certificates for TLS)")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return UserError(f"{what}: the registry refused the publish token ({code.name}: {details})",
+                         "give the token it was started with (--token or FEDGE_PUBLISH_TOKEN)")
+    return UserError(f"{what}: {code.name}: {details}", "see the registry's log")
 
 
 @registry_app.command("status")
@@ -88,8 +173,7 @@ def registry_status(registry: RegistryAddress, root_certificates: RootCertificat
     try:
         status = fleet_status(registry, root_certificates=root_certificates)
     except grpc.RpcError as err:
-        console.print(f"[red]no status[/red]: {err.code().name}: {err.details()}")
-        raise typer.Exit(1) from err
+        raise registry_error(registry, err, "no status") from err
     table = Table(title=f"{registry}: latest v{status.latest_version}, {len(status.devices)} device(s)",
                   title_justify="left")
     for column in ("device", "tier", "runtime", "serving", "last seen"):
@@ -105,10 +189,10 @@ def registry_status(registry: RegistryAddress, root_certificates: RootCertificat
 @edge_app.command("agent")
 def edge_agent(
     registry: RegistryAddress,
-    public_key: Annotated[Path, typer.Option(help="the registry's public key (PEM), pinned")],
+    public_key: Annotated[Path, typer.Option(help="the registry's public key (PEM), pinned", exists=True, dir_okay=False)],
     device_id: Annotated[str, typer.Option(help="this device's id")] = "edge-0",
     workdir: Annotated[Path, typer.Option(help="downloads, verified models, last good model")] = Path("fedge-out/edge"),
-    data: Annotated[Path | None, typer.Option(help=".npz with x (and y) to serve and canary on")] = None,
+    data: Annotated[Path | None, typer.Option(help=".npz with x (and y) to serve and canary on", exists=True, dir_okay=False)] = None,
     tier: str = "mid",
     runtime: Annotated[str | None, typer.Option(help="tensorrt, onnxruntime-tensorrt, -cuda or -cpu (default: best)")] = None,
     duration: Annotated[float | None, typer.Option(help="seconds to run (default: until interrupted)")] = None,
@@ -138,20 +222,44 @@ def edge_agent(
 
 @edge_app.command("deploy")
 def edge_deploy(
-    devices: Annotated[int, typer.Option(help="edge agents to start (separate processes on loopback)")] = 3,
-    scenario: str = "digits-shift",
-    workdir: Annotated[Path, typer.Option(help="registry and agents' folders")] = Path("fedge-out/edge-deploy"),
+    devices: Annotated[int, typer.Option(min=1, help="edge agents to start (separate processes on loopback)")] = 3,
+    from_run: Annotated[Path | None, typer.Option(
+        "--from", help="a run's --out folder: deploy its federated model (default: the scenario's base model)")] = None,
+    method: Annotated[str | None, typer.Option(help="with --from: whose model (default: the run's first method)")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="a checkpoint folder: deploy the model it holds")] = None,
+    scenario: Annotated[str, typer.Option(help="without --from/--checkpoint: deploy this scenario's base model")] = "digits-shift",
+    workdir: Annotated[Path, typer.Option(help="the registry's and the agents' folders (replaced on each deploy)")] = Path(
+        "fedge-out/edge-deploy"),
 ) -> None:
-    """Export the scenario's base model and deploy it to a local fleet of edge agents; print the fleet's report."""
+    """Export a model, start a registry and DEVICES edge agents on loopback, deploy, and print each device's report."""
+    from rich.table import Table
+    from torch.utils.data import TensorDataset
+
     from fedge.edge.fleet import deploy_to_edge
-    from fedge.scenario import load_scenario
+    from fedge.outputs import check_out_dir
 
-    sc = load_scenario(scenario)
-    report = deploy_to_edge(sc.base_model(), sc.client_data(0, 1).test, devices, workdir)
-    console.print_json(json.dumps(report))
+    workdir = check_out_dir(workdir, "--workdir")
+    with progress_bars():
+        source = model_source(from_run, method, checkpoint, scenario, None)
+        report = deploy_to_edge(source.model, TensorDataset(source.eval_x, source.eval_y), devices, workdir)
+    origin = source.origin
+    what = (f"{origin['method']} (federated, round {origin['round']})" if origin.get("model") == "federated"
+            else f"{origin['scenario']} base model")
+    table = Table(title=f"{what}: v{report['version']} on {report['deployed']}/{report['devices']} devices, "
+                        f"{report['artifact']['bytes'] / 1e6:.2f} MB ONNX", title_justify="left")
+    for column in ("device", "tier", "runtime", "serving", "accuracy", "predictions", "p50 ms"):
+        table.add_column(column, justify="left" if column in ("device", "tier", "runtime") else "right")
+    for agent in report["agents"]:
+        table.add_row(agent["device"], agent["tier"], agent["runtime"], f"v{agent['serving_version']}",
+                      "-" if agent["accuracy"] is None else f"{agent['accuracy']:.4f}", str(agent["predictions"]), f"{agent['p50_latency_ms']:.2f}")
+    console.print(table)
+    console.print(f"fleet accuracy {report['accuracy']:.4f}, p50 {report['p50_latency_ms']:.2f} ms; logs in {workdir}")
 
 
-def register(app: typer.Typer) -> None:
+def register(app: typer.Typer, run_source: RunSource | None = None) -> None:
+    """Add `fedge export`, `fedge registry ...` and `fedge edge ...`; `run_source` finds a run's model (`--from`)."""
+    global _run_source
+    _run_source = run_source
     app.command("export")(export_cmd)
     app.add_typer(registry_app, name="registry")
     app.add_typer(edge_app, name="edge")

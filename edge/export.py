@@ -25,9 +25,14 @@ import torch
 from torch import nn
 
 from fedge.edge.runtime import ort_session
+from fedge.errors import UserError
 from fedge.federated_model import merged_copy
+from fedge.progress import report
 from fedge.scenario import load_scenario
 
+#: what `export` writes beside the models: origin, checks and accuracy (`fedge registry publish` sends it along)
+EXPORT_REPORT = "export.json"
+EXPORT_TASK = "export to ONNX"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 MAX_BATCH = 4096
@@ -207,7 +212,14 @@ def export_model(
     if int8_mode not in ("dynamic", "qdq"):
         raise ValueError(f"int8_mode must be 'auto', 'dynamic' or 'qdq', not {int8_mode!r}")
     start = time.perf_counter()
+    steps = ["ONNX", "ONNX Runtime vs PyTorch", *(["INT8 " + int8_mode] if int8 else []), *(["FP16"] if fp16 else [])]
+
+    def step(done: int) -> None:
+        report(EXPORT_TASK, done, len(steps), steps[done] if done < len(steps) else "done")
+
+    step(0)
     fp32 = to_onnx(model, eval_x[:2])
+    step(1)
     diff = max_abs_diff_vs_torch(fp32, model, eval_x)
     if not diff <= tolerance:
         raise ExportError(f"ONNX Runtime output differs from PyTorch by {diff:.3g} (> {tolerance:g})")
@@ -227,6 +239,7 @@ def export_model(
         meta["fp32_accuracy"] = accuracy(fp32, x_np, y_np)
     int8_bytes = fp16_bytes = None
     if int8:
+        step(2)
         if int8_mode == "qdq":
             calib = (calibration_x if calibration_x is not None else eval_x).float().numpy()
             int8_bytes = quantize_int8_qdq(fp32, calib)
@@ -241,12 +254,14 @@ def export_model(
             meta["int8_accuracy"] = accuracy(int8_bytes, x_np, y_np)
             meta["int8_accuracy_delta"] = meta["int8_accuracy"] - meta["fp32_accuracy"]
     if fp16:
+        step(len(steps) - 1)
         fp16_bytes = to_fp16(fp32)
         meta["fp16_bytes"] = len(fp16_bytes)
         meta["fp16_max_abs_diff_vs_fp32"] = float(np.abs(run_onnx(fp16_bytes, x_np) - run_onnx(fp32, x_np)).max())
         if y_np is not None:
             meta["fp16_accuracy"] = accuracy(fp16_bytes, x_np, y_np)
     meta["export_seconds"] = time.perf_counter() - start
+    step(len(steps))
     return ExportResult(fp32=fp32, int8=int8_bytes, fp16=fp16_bytes, metadata=meta)
 
 
@@ -270,8 +285,22 @@ class _quiet_loggers:
 # ---- `fedge export` ---------------------------------------------------------------------
 
 
+@dataclass
+class ExportSource:
+    """A model to export, the data that checks it, and what it is (recorded in export.json and the artifact)."""
+
+    model: nn.Module
+    eval_x: torch.Tensor  # held out: compared with PyTorch and scored, never calibrated on
+    eval_y: torch.Tensor
+    calibration_x: torch.Tensor  # INT8 calibration inputs (training splits)
+    architecture: str
+    origin: dict[str, Any] = field(default_factory=dict)
+
+
 def _load_weights(model: nn.Module, path: Path) -> None:
     """Load a plain state dict (safetensors or torch) into the architecture, refusing partial matches."""
+    if not path.is_file():
+        raise UserError(f"--weights {path}: no such file", "give a state dict file (.safetensors or torch)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -279,33 +308,32 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if any(k.startswith("global/") for k in unexpected):
+        raise UserError(f"--weights {path} is a run's checkpoint, not a model's state dict",
+                        "export a run's model with --from OUT (or --checkpoint FOLDER)")
     if missing or unexpected:
-        raise ValueError(f"{path} does not fit the model: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+        raise UserError(f"--weights {path} does not fit the model: missing {list(missing)[:3]}, "
+                        f"unexpected {list(unexpected)[:3]}", "give a state dict of the scenario's base model")
 
 
-def export(
-    out_dir: str | Path = "fedge-out/export",
-    scenario: str = "digits-shift",
-    weights: str | Path | None = None,
-    num_partitions: int = 4,
-    int8_mode: str = "qdq",
-    fp16: bool = True,
-) -> dict[str, Any]:
-    """Export the scenario's model; check it against PyTorch on the held-out target data of every partition.
-
-    Calibration (for `int8_mode="qdq"`) uses the partitions' training splits, never the evaluation data.
-    Writes model.onnx, model.int8.onnx, model.fp16.onnx and export.json; returns the report.
-    """
+def scenario_source(scenario: str = "digits-shift", weights: str | Path | None = None,
+                    num_partitions: int = 4) -> ExportSource:
+    """The scenario's base model (or `weights` loaded into it), checked on the held-out target data of
+    `num_partitions` partitions and calibrated on their training splits."""
     sc = load_scenario(scenario)
     model = sc.base_model()
     if weights is not None:
         _load_weights(model, Path(weights))
     parts = [sc.client_data(p, num_partitions) for p in range(num_partitions)]
-    eval_x = torch.cat([p.test.tensors[0] for p in parts])
-    eval_y = torch.cat([p.test.tensors[1] for p in parts])
-    calib_x = torch.cat([p.train.tensors[0] for p in parts])[:512]
-    result = export_model(model, eval_x, eval_y, calibration_x=calib_x, int8_mode=int8_mode, fp16=fp16,
-                          architecture=sc.architecture)
+    origin = {"scenario": scenario, "model": "weights" if weights else "base", "weights": str(weights) if weights else None}
+    return ExportSource(model, torch.cat([p.test.tensors[0] for p in parts]), torch.cat([p.test.tensors[1] for p in parts]),
+                        torch.cat([p.train.tensors[0] for p in parts])[:512], sc.architecture, origin)
+
+
+def export(out_dir: str | Path, source: ExportSource, int8_mode: str = "qdq", fp16: bool = True) -> dict[str, Any]:
+    """Export `source`'s model; write model.onnx, model.int8.onnx, model.fp16.onnx and export.json; the report."""
+    result = export_model(source.model, source.eval_x, source.eval_y, calibration_x=source.calibration_x,
+                          int8_mode=int8_mode, fp16=fp16, architecture=source.architecture)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"fp32": out / "model.onnx"}
@@ -316,7 +344,7 @@ def export(
     if result.fp16 is not None:
         files["fp16"] = out / "model.fp16.onnx"
         files["fp16"].write_bytes(result.fp16)
-    report = {"scenario": scenario, "weights": str(weights) if weights else None, "fp32_bytes": len(result.fp32),
-              "files": {k: str(v) for k, v in files.items()}, **result.metadata}
-    (out / "export.json").write_text(json.dumps(report, indent=2, sort_keys=True))
-    return report
+    summary = {**source.origin, "fp32_bytes": len(result.fp32), "files": {k: str(v) for k, v in files.items()},
+               **result.metadata}
+    (out / EXPORT_REPORT).write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return summary

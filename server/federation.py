@@ -11,6 +11,7 @@ restarted server continues after the last checkpointed round.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from fedge.federated_model import count_params
 from fedge.messages import METRICS_RECORD, scalar, total_wire_bytes
 from fedge.methods import RunSpec
-from fedge.results import ClientEval, FleetAccuracy, fleet_accuracy, record_method
+from fedge.results import ClientEval, FleetAccuracy, fleet_accuracy
 from fedge.scenario import load_scenario
 from fedge.server.checkpoints import RunCheckpoints
 from fedge.server.nodes import connected_view, in_partition_order, required_replies, wait_for_nodes
@@ -31,6 +32,10 @@ from fedge.settings import RunSettings
 from fedge.state import from_record, to_record
 
 log = logging.getLogger("fedge.server")
+
+#: the line each round logs (Flower's run log shows it; `fedge deploy-local` follows it for its progress bar)
+ROUND_LINE = "%s round %d/%d: accuracy %.4f, uplink %.1f KB, downlink %.1f KB, %d of %d clients"
+ROUND_PATTERN = re.compile(r"(\S+) round (\d+)/(\d+): accuracy ([0-9.]+)")
 
 RoundCallback = Callable[[str, dict[str, Any]], None]
 
@@ -46,6 +51,9 @@ class FederationOutcome:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
     arrays: ArrayRecord | None = None
+    #: results.json's parts: the scenario's description and this method's entry (rounds, final, checkpoint...)
+    scenario: dict[str, Any] = field(default_factory=dict)
+    entry: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -161,6 +169,8 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
         if result.metrics is not None:
             row.update({k.replace("-", "_"): scalar(v) for k, v in result.metrics.items() if k != "partition-id"})
         rows.append(row)
+        log.info(ROUND_LINE, method.name, server_round, settings.num_server_rounds, fleet.accuracy,
+                 result.uplink / 1e3, result.downlink / 1e3, result.replies, result.sent)
         checkpoints.commit(server_round, from_record(arrays), strategy, rows, totals, base, fleet)
         if on_round is not None:
             on_round(method.name, row)
@@ -182,11 +192,6 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
         entry.update(finish(grid, arrays, config))
     if checkpoints.enabled:
         entry["checkpoint"] = checkpoints.describe(first_round - 1)
-    record_method(
-        settings.out_dir,
-        scenario=scenario.describe(settings.num_clients),
-        base_accuracy=base.accuracy,
-        name=method.name,
-        entry=entry,
-    )
+    outcome.entry = entry
+    outcome.scenario = scenario.describe(settings.num_clients)
     return outcome

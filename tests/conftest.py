@@ -1,14 +1,25 @@
-"""Test-wide settings: one base-model cache per test session, shared by every process the tests start."""
+"""Test-wide settings: one base-model cache per test session, shared by every process the tests start.
+
+The cache is a fresh folder (each session trains the base model once, as a fresh machine would) that the
+session removes when it ends, unless FEDGE_TEST_CACHE names a folder to keep and reuse.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
 
-_CACHE = os.environ.get("FEDGE_TEST_CACHE") or tempfile.mkdtemp(prefix="fedge-test-cache-")
+_KEEP = os.environ.get("FEDGE_TEST_CACHE")
+_CACHE = _KEEP or tempfile.mkdtemp(prefix="fedge-test-cache-")
 os.environ["FEDGE_CACHE"] = _CACHE  # inherited by Ray workers and subprocesses
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not _KEEP:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
