@@ -163,27 +163,47 @@ def registry_error(registry: str, err: Any, what: str) -> UserError:
 
 
 @registry_app.command("status")
-def registry_status(registry: RegistryAddress, root_certificates: RootCertificates = None) -> None:
-    """The registry's fleet: each device's tier, runtime, serving version and when it was last seen."""
+def registry_status(
+    registry: RegistryAddress,
+    root_certificates: RootCertificates = None,
+    wait: Annotated[float, typer.Option(
+        min=0, help="seconds to keep asking until the registry answers (and --devices serve its latest version)")] = 0.0,
+    devices: Annotated[int, typer.Option(
+        min=0, help="with --wait: also wait until this many devices serve the latest version")] = 0,
+) -> None:
+    """The registry's fleet: each device's tier, runtime, serving version, accuracy and when it was last seen."""
     import grpc
     from rich.table import Table
 
     from fedge.edge.publish import fleet_status
 
-    try:
-        status = fleet_status(registry, root_certificates=root_certificates)
-    except grpc.RpcError as err:
-        raise registry_error(registry, err, "no status") from err
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            status = fleet_status(registry, root_certificates=root_certificates)
+            serving = [d for d in status.devices if d.HasField("last_telemetry")
+                       and d.last_telemetry.serving_version == status.latest_version > 0]
+            if len(serving) >= devices or time.monotonic() > deadline:
+                break
+        except grpc.RpcError as err:
+            if time.monotonic() > deadline:
+                raise registry_error(registry, err, "no status") from err
+        time.sleep(0.5)
     table = Table(title=f"{registry}: latest v{status.latest_version}, {len(status.devices)} device(s)",
                   title_justify="left")
-    for column in ("device", "tier", "runtime", "serving", "last seen"):
+    for column in ("device", "tier", "runtime", "serving", "accuracy", "last seen"):
         table.add_column(column)
     now = time.time()
     for device in status.devices:
-        serving = f"v{device.last_telemetry.serving_version}" if device.HasField("last_telemetry") else "-"
-        table.add_row(device.profile.device_id, device.profile.tier, device.profile.runtime, serving,
+        telemetry = device.last_telemetry if device.HasField("last_telemetry") else None
+        table.add_row(device.profile.device_id, device.profile.tier, device.profile.runtime,
+                      f"v{telemetry.serving_version}" if telemetry else "-",
+                      f"{telemetry.accuracy:.4f}" if telemetry and telemetry.HasField("accuracy") else "-",
                       f"{max(now - device.last_seen_unix, 0.0):.1f} s ago")
     console.print(table)
+    if len(serving) < devices:
+        raise UserError(f"after {wait:.0f}s, {len(serving)} of the {devices} devices asked for serve "
+                        f"v{status.latest_version}", "see the agents' logs")
 
 
 @edge_app.command("agent")

@@ -33,6 +33,7 @@ from fedge.scenario import load_scenario
 #: what `export` writes beside the models: origin, checks and accuracy (`fedge registry publish` sends it along)
 EXPORT_REPORT = "export.json"
 EXPORT_TASK = "export to ONNX"
+SAMPLES_FILE = "samples.npz"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 MAX_BATCH = 4096
@@ -297,20 +298,25 @@ class ExportSource:
     origin: dict[str, Any] = field(default_factory=dict)
 
 
-def _load_weights(model: nn.Module, path: Path) -> None:
-    """Load a plain state dict (safetensors or torch) into the architecture, refusing partial matches."""
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A plain state dict (safetensors or torch) from `path`; a run's checkpoint is refused with the way to it."""
     if not path.is_file():
         raise UserError(f"--weights {path}: no such file", "give a state dict file (.safetensors or torch)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        state: dict[str, torch.Tensor] = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if any(k.startswith("global/") for k in unexpected):
+    if any(k.startswith("global/") for k in state):
         raise UserError(f"--weights {path} is a run's checkpoint, not a model's state dict",
-                        "export a run's model with --from OUT (or --checkpoint FOLDER)")
+                        f"export a run's model with --from OUT or --checkpoint {path.parent}")
+    return state
+
+
+def _load_weights(model: nn.Module, path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Load `state` into the architecture, refusing partial matches."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"--weights {path} does not fit the model: missing {list(missing)[:3]}, "
                         f"unexpected {list(unexpected)[:3]}", "give a state dict of the scenario's base model")
@@ -320,10 +326,14 @@ def scenario_source(scenario: str = "digits-shift", weights: str | Path | None =
                     num_partitions: int = 4) -> ExportSource:
     """The scenario's base model (or `weights` loaded into it), checked on the held-out target data of
     `num_partitions` partitions and calibrated on their training splits."""
-    sc = load_scenario(scenario)
+    state = _read_weights(Path(weights)) if weights is not None else None  # checked before any training
+    try:
+        sc = load_scenario(scenario)
+    except ValueError as err:
+        raise UserError(f"--scenario: {err}", "pick a known scenario") from err
     model = sc.base_model()
-    if weights is not None:
-        _load_weights(model, Path(weights))
+    if state is not None:
+        _load_weights(model, Path(str(weights)), state)
     parts = [sc.client_data(p, num_partitions) for p in range(num_partitions)]
     origin = {"scenario": scenario, "model": "weights" if weights else "base", "weights": str(weights) if weights else None}
     return ExportSource(model, torch.cat([p.test.tensors[0] for p in parts]), torch.cat([p.test.tensors[1] for p in parts]),
@@ -331,7 +341,8 @@ def scenario_source(scenario: str = "digits-shift", weights: str | Path | None =
 
 
 def export(out_dir: str | Path, source: ExportSource, int8_mode: str = "qdq", fp16: bool = True) -> dict[str, Any]:
-    """Export `source`'s model; write model.onnx, model.int8.onnx, model.fp16.onnx and export.json; the report."""
+    """Export `source`'s model; write model.onnx, model.int8.onnx, model.fp16.onnx, export.json and the held-out
+    samples it was checked on (samples.npz: x, y; what an agent can serve); the report."""
     result = export_model(source.model, source.eval_x, source.eval_y, calibration_x=source.calibration_x,
                           int8_mode=int8_mode, fp16=fp16, architecture=source.architecture)
     out = Path(out_dir)
@@ -344,6 +355,8 @@ def export(out_dir: str | Path, source: ExportSource, int8_mode: str = "qdq", fp
     if result.fp16 is not None:
         files["fp16"] = out / "model.fp16.onnx"
         files["fp16"].write_bytes(result.fp16)
+    # the held-out inputs and labels the export was checked on, in the agent's format (`fedge edge agent --data`)
+    np.savez(out / SAMPLES_FILE, x=source.eval_x.float().numpy(), y=source.eval_y.numpy().astype(np.int64))
     summary = {**source.origin, "fp32_bytes": len(result.fp32), "files": {k: str(v) for k, v in files.items()},
                **result.metadata}
     (out / EXPORT_REPORT).write_text(json.dumps(summary, indent=2, sort_keys=True))

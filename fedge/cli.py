@@ -76,7 +76,7 @@ class FedgeGroup(TyperGroup):
         return code
 
 
-app = typer.Typer(cls=FedgeGroup, help="fedge: federated and edge adaptation of models.", no_args_is_help=True,
+app = typer.Typer(cls=FedgeGroup, name="fedge", help="fedge: federated and edge adaptation of models.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
 
 

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from _edge_support import base_onnx, target_data, to_npz, trained_model, wait_until
+from _edge_support import base_onnx, collapsed, target_data, to_npz, trained_model, wait_until
 
-from fedge.edge.fleet import deploy_to_edge
+from fedge.edge.fleet import DeployError, deploy_to_edge
 from fedge.edge.registry import Registry, start
+from fedge.errors import UserError
 from fedge.training import evaluate
 
 pytestmark = pytest.mark.slow
@@ -65,8 +68,11 @@ def test_agent_killed_mid_download_resumes_from_its_partial_offset(tmp_path: Pat
 
 def test_deploy_to_edge_reaches_every_device(tmp_path: Path) -> None:
     report = deploy_to_edge(trained_model(), target_data(), devices=2, workdir=tmp_path)
-    assert set(report) == {"devices", "deployed", "runtime", "artifact", "int8", "p50_latency_ms", "accuracy"}
-    assert report["devices"] == 2 and report["deployed"] == 2
+    assert set(report) == {"devices", "deployed", "version", "agents", "runtime", "artifact", "int8", "p50_latency_ms",
+                           "accuracy"}
+    assert report["devices"] == 2 and report["deployed"] == 2 and report["version"] == 1
+    assert [(a["device"], a["serving_version"]) for a in report["agents"]] == [("edge-0", 1), ("edge-1", 1)]
+    assert sum(a["predictions"] for a in report["agents"]) == len(target_data())
     assert report["runtime"] == "onnxruntime-cpu"
     artifact = report["artifact"]
     assert set(artifact) == {"format", "bytes", "sha256", "max_abs_diff_vs_torch"}
@@ -76,3 +82,27 @@ def test_deploy_to_edge_reaches_every_device(tmp_path: Path) -> None:
     # Each device served its shard once, so the fleet's telemetry accuracy is the model's accuracy on the data.
     expected = evaluate(trained_model(), target_data(), device=torch.device("cpu")).accuracy
     assert report["accuracy"] == pytest.approx(expected, abs=1e-9)
+
+    # A second deploy into the same folder starts a fleet of its own: a fresh registry (the new model is v1, not v2)
+    # and agents without the first fleet's models (which would restore and canary against them), so a weaker model
+    # (its classes rolled by one) is served as it is.
+    weaker = copy.deepcopy(trained_model())
+    with torch.no_grad():
+        weaker.fc2.weight.copy_(weaker.fc2.weight.roll(1, dims=0))
+        weaker.fc2.bias.copy_(weaker.fc2.bias.roll(1))
+    again = deploy_to_edge(weaker, target_data(), devices=2, workdir=tmp_path)
+    assert again["deployed"] == 2 and again["version"] == 1
+    assert again["accuracy"] == pytest.approx(evaluate(weaker, target_data(), device=torch.device("cpu")).accuracy,
+                                              abs=1e-9)
+    assert again["artifact"]["sha256"] != artifact["sha256"]
+
+
+def test_a_refused_deployment_says_which_device_refused_and_why(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(DeployError) as refused:
+        deploy_to_edge(collapsed(trained_model()), target_data(), devices=2, workdir=tmp_path, timeout_s=90.0)
+    assert time.monotonic() - started < 80  # the refusals end the wait; it does not run into the timeout
+    assert isinstance(refused.value, UserError)
+    assert "v1 was refused: edge-0: canary failed: collapsed" in refused.value.message
+    assert "edge-1: canary failed: collapsed" in refused.value.message
+    assert str(tmp_path / "agents") in refused.value.hint

@@ -114,5 +114,5 @@ def test_cli_status_lists_every_device_with_its_serving_version(running) -> None
     assert "latest v1, 2 device(s)" in result.output
     rows = {cells[0]: cells[1:] for line in result.output.splitlines()
             if (cells := [c.strip() for c in line.strip("│ ").split("│")])[0].startswith("cam-")}
-    assert rows["cam-7"][:3] == ["weak", "onnxruntime-cpu", "v1"] and rows["cam-7"][3].endswith("s ago")
+    assert rows["cam-7"][:4] == ["weak", "onnxruntime-cpu", "v1", "-"] and rows["cam-7"][4].endswith("s ago")
     assert rows["cam-8"][:3] == ["strong", "tensorrt", "-"]
