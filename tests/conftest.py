@@ -17,6 +17,16 @@ _CACHE = _KEEP or tempfile.mkdtemp(prefix="fedge-test-cache-")
 os.environ["FEDGE_CACHE"] = _CACHE  # inherited by Ray workers and subprocesses
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The docs test (about half an hour) runs only when a -m expression names it (`pytest -m docs`)."""
+    if "docs" in (config.getoption("markexpr") or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker("docs")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("docs")]
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if not _KEEP:
         shutil.rmtree(_CACHE, ignore_errors=True)
