@@ -147,7 +147,7 @@ def test_every_documented_command_runs_as_written_twice(tmp_path: Path) -> None:
             if block.skipped:
                 print(f"skipped {name}:{block.line} ({block.text.splitlines()[0][:60]}...): {block.skipped}")
     ran = sum(1 for blocks in pages.values() for b in blocks if not b.skipped)
-    assert ran >= 15, "the docs' commands were not found"
+    assert ran >= 8, "the docs' command blocks were not found"
     with Orphans() as orphans:
         for attempt in (1, 2):
             for name, blocks in pages.items():
