@@ -177,8 +177,8 @@ def run_codec_bench(
 
 
 def print_codec_bench(rows: Sequence[Mapping[str, Any]], console: Any = None) -> None:
-    """Two rich tables, one row per (update, codec) in each: sizes and errors, then speeds (narrow enough for
-    a 100-column terminal)."""
+    """Two rich tables, one row per (update, codec) in each: sizes and errors, then speeds (each fits a
+    140-column terminal whole; one table of all columns was cut there)."""
     from rich.console import Console
     from rich.table import Table
 
