@@ -62,7 +62,7 @@ class FedgeGroup(TyperGroup):
                 raise
             show_error(err.message, err.hint)
             code = 1
-        except Exception as err:  # noqa: BLE001 - the one place every other failure is shown
+        except Exception as err:
             if state.debug:
                 raise
             lines = str(err).strip().splitlines() or [""]

@@ -142,8 +142,9 @@ def test_an_unexpected_failure_is_one_line_and_points_to_debug(monkeypatch: pyte
 def test_debug_shows_the_traceback_without_locals(tmp_path: Path) -> None:
     """In a real process: the same error with --debug adds the traceback, and no local variables."""
     command = [sys.executable, "-m", "fedge.cli", "export", "--from", str(tmp_path / "nowhere")]
-    plain = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    debug = subprocess.run([*command[:3], "--debug", *command[3:]], capture_output=True, text=True, timeout=120)
+    plain = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    debug = subprocess.run([*command[:3], "--debug", *command[3:]], capture_output=True, text=True, timeout=120,
+                           check=False)
     assert plain.returncode == 1 and plain.stderr.startswith("error: --from") and "Traceback" not in plain.stderr
     assert plain.stdout == ""  # errors go to stderr
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "UserError" in debug.stderr

@@ -22,7 +22,7 @@ FEDGE = [sys.executable, "-m", "fedge.cli"]
 
 
 def fedge(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 900) -> str:
-    done = subprocess.run([*FEDGE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    done = subprocess.run([*FEDGE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False,
                           env={**os.environ, **(env or {})})
     assert done.returncode == 0, f"fedge {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
