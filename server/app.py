@@ -39,13 +39,23 @@ def make_server_app(
     outcomes: list[FederationOutcome] | None = None,
     record: bool = True,
     flower_log: bool = False,
+    errors: list[Exception] | None = None,
 ) -> ServerApp:
     """`record`: write this run's results.json into its out-dir (an earlier run's is set aside, never merged into);
-    `flower_log`: log each round to Flower's log."""
+    `flower_log`: log each round to Flower's log; `errors`: collect what the federation raised there instead of
+    letting it reach Flower (which logs it with its traceback), for an in-process caller to raise."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        try:
+            federate(grid, context)
+        except Exception as err:
+            if errors is None:
+                raise
+            errors.append(err)
+
+    def federate(grid: Grid, context: Context) -> None:
         if flower_log:
             log_to_flower()
         config = {**dict(context.run_config), **(overrides or {})}

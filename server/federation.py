@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedge.errors import UserError
 from fedge.federated_model import count_params
 from fedge.messages import METRICS_RECORD, scalar, total_wire_bytes
 from fedge.methods import RunSpec
@@ -40,7 +41,7 @@ ROUND_PATTERN = re.compile(r"(\S+) round (\d+)/(\d+): accuracy ([0-9.]+)")
 RoundCallback = Callable[[str, dict[str, Any]], None]
 
 
-class RoundFailed(RuntimeError):
+class RoundFailed(UserError):
     """Too few replies even after the allowed retries; the checkpoint keeps every earlier round."""
 
 
@@ -113,7 +114,8 @@ def train_round(strategy: Strategy, server_round: int, arrays: ArrayRecord, conf
             return TrainRound(aggregated, metrics, len(ok), len(messages), attempt, uplink, downlink)
         log.warning("round %d attempt %d: %d of %d replies, %d needed; %s", server_round, attempt, len(ok),
                     len(messages), need, "retrying" if attempt <= settings.round_retries else "giving up")
-    raise RoundFailed(f"round {server_round}: too few replies after {settings.round_retries + 1} attempts")
+    raise RoundFailed(f"round {server_round}: too few replies after {settings.round_retries + 1} attempts",
+                      "the nodes' errors are in the log; the checkpoint keeps every earlier round (resume from it)")
 
 
 def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = None) -> FederationOutcome:
@@ -129,7 +131,8 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
 
     nodes = wait_for_nodes(grid, settings.num_clients, settings.node_wait)
     if len(nodes) < required_replies(settings.min_replies, settings.num_clients):
-        raise RoundFailed(f"only {len(nodes)} of {settings.num_clients} nodes connected within {settings.node_wait}s")
+        raise RoundFailed(f"only {len(nodes)} of {settings.num_clients} nodes connected within {settings.node_wait}s",
+                          "start the missing SuperNodes, or lower num-clients")
 
     resumed = checkpoints.resume(strategy)
     rows: list[dict[str, Any]] = []

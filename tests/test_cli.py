@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from fedge.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
+FEDGE = [sys.executable, "-m", "fedge.cli"]
 
 
 def fails(args: list[str], *expected: str, code: int | None = None) -> str:
@@ -141,7 +142,7 @@ def test_an_unexpected_failure_is_one_line_and_points_to_debug(monkeypatch: pyte
 
 def test_debug_shows_the_traceback_without_locals(tmp_path: Path) -> None:
     """In a real process: the same error with --debug adds the traceback, and no local variables."""
-    command = [sys.executable, "-m", "fedge.cli", "export", "--from", str(tmp_path / "nowhere")]
+    command = [*FEDGE, "export", "--from", str(tmp_path / "nowhere")]
     plain = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     debug = subprocess.run([*command[:3], "--debug", *command[3:]], capture_output=True, text=True, timeout=120,
                            check=False)
@@ -149,3 +150,17 @@ def test_debug_shows_the_traceback_without_locals(tmp_path: Path) -> None:
     assert plain.stdout == ""  # errors go to stderr
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "UserError" in debug.stderr
     assert "locals" not in debug.stderr.lower()
+
+
+@pytest.mark.slow
+def test_a_federation_that_fails_ends_with_its_reason(tmp_path: Path) -> None:
+    """Every client's upload is damaged (a fault drill) and no retry is allowed: round 1 cannot aggregate. The
+    simulation's failure is the command's error, with no traceback (Flower's own log of it included)."""
+    done = subprocess.run([*FEDGE, "run", "--methods", "fedzip", "--rounds", "1", "--clients", "2", "--local-epochs", "1",
+                           "--edge-devices", "0", "--out", str(tmp_path / "out"),
+                           "--run-config", "fault-partitions='0,1' round-retries=0"],
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "error: round 1: too few replies after 1 attempts" in done.stderr
+    assert "hint: the nodes' errors are in the log" in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
