@@ -230,7 +230,9 @@ def edge_agent(
 ) -> None:
     """Run an edge agent: watch the registry, verify, canary-check and serve each new version."""
     from fedge.edge.agent import run_agent
+    from fedge.outputs import check_out_dir
 
+    workdir = check_out_dir(workdir, "--workdir")
     options: dict[str, Any] = {"threads": threads, "chunk_size": chunk_size, "chunk_delay_s": chunk_delay,
                                "canary_size": canary_size, "min_canary_accuracy": min_canary_accuracy,
                                "max_accuracy_drop": max_accuracy_drop, "serve_batch": serve_batch,

@@ -88,8 +88,17 @@ def test_an_unreachable_registry(tmp_path: Path, command: list[str]) -> None:
 
 
 def test_an_agent_without_the_registry_key_or_with_unfit_data(tmp_path: Path) -> None:
-    fails(["edge", "agent", "--registry", "127.0.0.1:1", "--public-key", str(tmp_path / "registry.pub.pem")],
-          "'--public-key': File", "does not exist", code=2)
+    from fedge.edge.artifacts import load_or_create_key, public_pem
+
+    key = tmp_path / "registry.pub.pem"
+    agent = ["edge", "agent", "--registry", "127.0.0.1:1", "--public-key", str(key)]
+    fails(agent, "'--public-key': File", "does not exist", code=2)
+    key.write_bytes(public_pem(load_or_create_key(tmp_path / "registry.pem").public_key()))
+    np.savez(tmp_path / "samples.npz", inputs=np.zeros((2, 1, 32, 32), np.float32))
+    (tmp_path / "file").write_text("x")
+    fails([*agent, "--workdir", str(tmp_path / "file" / "cam-0")], "file is a file, not a folder", code=1)
+    fails([*agent, "--workdir", str(tmp_path / "cam-0"), "--data", str(tmp_path / "samples.npz")],
+          "has no array named x (it has inputs)", "samples.npz", code=1)
 
 
 def test_export_refuses_a_checkpoint_given_as_weights_and_a_folder_without_a_run(tmp_path: Path) -> None:
