@@ -111,6 +111,7 @@ class RunSettings(ConfigSection):
             (self.alpha > 0, "alpha (the Dirichlet concentration) must be positive"),
             (self.lr >= 0, "lr must be 0 (the method's default) or positive"),
             (self.min_replies > 0 and self.round_retries >= 0, "min-replies must be positive, round-retries >= 0"),
+            (self.min_replies < 1 or self.min_replies <= self.num_clients, "min-replies (a count) exceeds num-clients"),
             (self.round_timeout > 0 and self.node_wait >= 0, "round-timeout must be positive, node-wait >= 0"),
             (self.checkpoint in CHECKPOINT_MODES, f"checkpoint must be one of {', '.join(CHECKPOINT_MODES)}"),
         ]

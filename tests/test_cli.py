@@ -163,11 +163,11 @@ def test_debug_shows_the_traceback_without_locals(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_federation_that_fails_ends_with_its_reason(tmp_path: Path) -> None:
-    """Every client's upload is damaged (a fault drill) and no retry is allowed: round 1 cannot aggregate. The
+    """A round timeout no client can meet and no retry: round 1 gets no reply and cannot aggregate. The
     simulation's failure is the command's error, with no traceback (Flower's own log of it included)."""
     done = subprocess.run([*FEDGE, "run", "--methods", "fedzip", "--rounds", "1", "--clients", "2", "--local-epochs", "1",
                            "--edge-devices", "0", "--out", str(tmp_path / "out"),
-                           "--run-config", "fault-partitions='0,1' round-retries=0"],
+                           "--run-config", "round-timeout=0.01 round-retries=0"],
                           capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     assert "error: round 1: too few replies after 1 attempts" in done.stderr
