@@ -13,15 +13,17 @@ from fedge.console import console
 
 def node_data(
     folder: Annotated[Path, typer.Argument(help="where to write node-<i>.npz")],
-    clients: Annotated[int, typer.Option(help="partitions to write")] = 3,
+    clients: Annotated[int, typer.Option(min=1, help="partitions to write")] = 3,
     scenario: str = "digits-shift",
     seed: int = 0,
     alpha: Annotated[float, typer.Option(help="Dirichlet label-skew concentration")] = 0.5,
 ) -> None:
     """Write each scenario partition as a node-data file, for SuperNodes started with `data-path` in their node config."""
     from fedge.client.node_data import save_node_data
+    from fedge.outputs import check_out_dir
     from fedge.scenario import load_scenario
 
+    folder = check_out_dir(folder, "FOLDER")
     chosen = load_scenario(scenario, seed=seed, alpha=alpha)
     for i in track(range(clients), description="partitions", console=console):
         save_node_data(folder / f"node-{i}.npz", chosen.client_data(i, clients))

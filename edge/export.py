@@ -29,9 +29,15 @@ from fedge.edge.agreement import REFERENCE_SAMPLES, agreement, reference_set
 from fedge.edge.artifacts import REFERENCE, BundleFile, format_name, write_bundle
 from fedge.edge.capabilities import detect
 from fedge.edge.runtime import ort_session
+from fedge.errors import UserError
 from fedge.federated_model import merged_copy
+from fedge.progress import report
 from fedge.scenario import load_scenario
 
+#: what `export` writes beside the models: origin, checks and accuracy (`fedge registry publish` sends it along)
+EXPORT_REPORT = "export.json"
+EXPORT_TASK = "export to ONNX"
+SAMPLES_FILE = "samples.npz"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 MAX_BATCH = 4096
@@ -240,7 +246,14 @@ def export_model(
     if int8_mode not in ("dynamic", "qdq"):
         raise ValueError(f"int8_mode must be 'auto', 'dynamic' or 'qdq', not {int8_mode!r}")
     start = time.perf_counter()
+    steps = ["ONNX", "ONNX Runtime vs PyTorch", *(["INT8 " + int8_mode] if int8 else []), *(["FP16"] if fp16 else [])]
+
+    def step(done: int) -> None:
+        report(EXPORT_TASK, done, len(steps), steps[done] if done < len(steps) else "done")
+
+    step(0)
     fp32 = to_onnx(model, eval_x[:2])
+    step(1)
     diff = max_abs_diff_vs_torch(fp32, model, eval_x)
     if not diff <= tolerance:
         raise ExportError(f"ONNX Runtime output differs from PyTorch by {diff:.3g} (> {tolerance:g})")
@@ -276,6 +289,7 @@ def export_model(
         formats[name] = BundleFile(data, "onnx", name, fmt_meta)
 
     if int8:
+        step(2)
         int8_meta: dict[str, Any] = {"mode": int8_mode}
         if int8_mode == "qdq":
             calib = (calibration_x if calibration_x is not None else eval_x).float().numpy()
@@ -287,6 +301,7 @@ def export_model(
         meta["int8_mode"] = int8_mode
         measure("int8", int8_bytes, int8_meta)
     if fp16:
+        step(len(steps) - 1)
         measure("fp16", to_fp16(fp32), {})
     ref_x = (reference_x if reference_x is not None else eval_x[:REFERENCE_SAMPLES]).float().numpy()
     fp32_session = ort_session(fp32)
@@ -296,6 +311,7 @@ def export_model(
     if tensorrt_plans:
         formats.update(_tensorrt_plans(formats))
     meta["export_seconds"] = time.perf_counter() - start
+    step(len(steps))
     return ExportResult(formats=formats, metadata=meta)
 
 
@@ -338,48 +354,73 @@ class _quiet_loggers:
 # ---- `fedge export` ---------------------------------------------------------------------
 
 
-def _load_weights(model: nn.Module, path: Path) -> None:
-    """Load a plain state dict (safetensors or torch) into the architecture, refusing partial matches."""
+@dataclass
+class ExportSource:
+    """A model to export, the data that checks it, and what it is (recorded in export.json and the artifact)."""
+
+    model: nn.Module
+    eval_x: torch.Tensor  # held out: compared with PyTorch and scored, never calibrated on
+    eval_y: torch.Tensor
+    calibration_x: torch.Tensor  # INT8 calibration inputs (training splits)
+    architecture: str
+    origin: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A plain state dict (safetensors or torch) from `path`; a run's checkpoint is refused with the way to it."""
+    if not path.is_file():
+        raise UserError(f"--weights {path}: no such file", "give a state dict file (.safetensors or torch)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        state: dict[str, torch.Tensor] = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    if any(k.startswith("global/") for k in state):
+        raise UserError(f"--weights {path} is a run's checkpoint, not a model's state dict",
+                        f"export a run's model with --from OUT or --checkpoint {path.parent}")
+    return state
+
+
+def _load_weights(model: nn.Module, path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Load `state` into the architecture, refusing partial matches."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path} does not fit the model: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+        raise UserError(f"--weights {path} does not fit the model: missing {list(missing)[:3]}, "
+                        f"unexpected {list(unexpected)[:3]}", "give a state dict of the scenario's base model")
 
 
-def export(
-    out_dir: str | Path = "fedge-out/export",
-    scenario: str = "digits-shift",
-    weights: str | Path | None = None,
-    num_partitions: int = 4,
-    int8_mode: str = "qdq",
-    fp16: bool = True,
-    tensorrt_plans: bool = False,
-) -> dict[str, Any]:
-    """Export the scenario's model; check it against PyTorch on the held-out target data of every partition.
-
-    Calibration (for `int8_mode="qdq"`) uses the partitions' training splits, never the evaluation data.
-    Writes a publishable version folder (model.onnx, model.int8.onnx, model.fp16.onnx, reference.safetensors,
-    engine plans where asked and possible, bundle.json) and export.json; returns the report.
-    """
-    sc = load_scenario(scenario)
+def scenario_source(scenario: str = "digits-shift", weights: str | Path | None = None,
+                    num_partitions: int = 4) -> ExportSource:
+    """The scenario's base model (or `weights` loaded into it), checked on the held-out target data of
+    `num_partitions` partitions and calibrated on their training splits."""
+    state = _read_weights(Path(weights)) if weights is not None else None  # checked before any training
+    try:
+        sc = load_scenario(scenario)
+    except ValueError as err:
+        raise UserError(f"--scenario: {err}", "pick a known scenario") from err
     model = sc.base_model()
-    if weights is not None:
-        _load_weights(model, Path(weights))
+    if state is not None:
+        _load_weights(model, Path(str(weights)), state)
     parts = [sc.client_data(p, num_partitions) for p in range(num_partitions)]
-    eval_x = torch.cat([p.test.tensors[0] for p in parts])
-    eval_y = torch.cat([p.test.tensors[1] for p in parts])
-    calib_x = torch.cat([p.train.tensors[0] for p in parts])[:512]
-    result = export_model(model, eval_x, eval_y, calibration_x=calib_x, int8_mode=int8_mode, fp16=fp16,
-                          tensorrt_plans=tensorrt_plans, architecture=sc.architecture)
+    origin = {"scenario": scenario, "model": "weights" if weights else "base", "weights": str(weights) if weights else None}
+    return ExportSource(model, torch.cat([p.test.tensors[0] for p in parts]), torch.cat([p.test.tensors[1] for p in parts]),
+                        torch.cat([p.train.tensors[0] for p in parts])[:512], sc.architecture, origin)
+
+
+def export(out_dir: str | Path, source: ExportSource, int8_mode: str = "qdq", fp16: bool = True,
+           tensorrt_plans: bool = False) -> dict[str, Any]:
+    """Export `source`'s model as one publishable version folder (model.onnx, model.int8.onnx, model.fp16.onnx,
+    reference.safetensors, engine plans where asked and possible, bundle.json), export.json and the held-out
+    samples it was checked on (samples.npz: x, y; what an agent can serve); the report."""
+    result = export_model(source.model, source.eval_x, source.eval_y, calibration_x=source.calibration_x,
+                          int8_mode=int8_mode, fp16=fp16, tensorrt_plans=tensorrt_plans,
+                          architecture=source.architecture)
     out = Path(out_dir)
-    index = write_bundle(out, result.formats, result.metadata)
+    index = write_bundle(out, result.formats, {**source.origin, **result.metadata})  # the origin travels signed
     files = {name: str(out / f["file"]) for name, f in json.loads(index.read_text())["formats"].items()}
-    report = {"scenario": scenario, "weights": str(weights) if weights else None, "fp32_bytes": len(result.fp32),
-              "files": files, **result.metadata}
-    (out / "export.json").write_text(json.dumps(report, indent=2, sort_keys=True))
-    return report
+    # the held-out inputs and labels the export was checked on, in the agent's format (`fedge edge agent --data`)
+    np.savez(out / SAMPLES_FILE, x=source.eval_x.float().numpy(), y=source.eval_y.numpy().astype(np.int64))
+    summary = {**source.origin, "fp32_bytes": len(result.fp32), "files": files, **result.metadata}
+    (out / EXPORT_REPORT).write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return summary

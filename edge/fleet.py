@@ -28,15 +28,19 @@ from fedge.edge.agreement import REFERENCE_SAMPLES
 from fedge.edge.artifacts import BundleFile
 from fedge.edge.export import ExportResult, export_model
 from fedge.edge.publish import fleet_status, publish
+from fedge.errors import UserError
 from fedge.processes import ChildProcess
+from fedge.progress import report
 from fedge.protos import edge_pb2
 from fedge.tiers import tier_for
 
 _CLI = [sys.executable, "-m", "fedge.cli"]
+#: a local fleet's folders under its workdir: the registry's state and each agent's (`agents/<device>/`)
+REGISTRY_DIR, AGENTS_DIR = "registry", "agents"
 
 
-class DeployError(RuntimeError):
-    """The fleet did not reach the new version in time."""
+class DeployError(UserError):
+    """The fleet did not reach the new version in time (a device refused it, or is slow or gone)."""
 
 
 def start_registry(workdir: Path, token: str, timeout: float = 30.0) -> tuple[ChildProcess, str, Path]:
@@ -73,9 +77,14 @@ def start_agent(address: str, device_id: str, public_key: Path, workdir: Path, d
 
 def wait_for_fleet(address: str, version: int, devices: list[str], min_predictions: dict[str, int] | None = None,
                    timeout: float = 60.0) -> dict[str, edge_pb2.DeviceStatus]:
-    """Poll the registry until every device reports serving `version` (and enough predictions on it)."""
+    """Poll the registry until every device reports serving `version` (and enough predictions on it).
+
+    A device that refused the version (its telemetry's events say why) ends the wait: the refusals are the error.
+    """
     deadline = time.monotonic() + timeout
     latest: dict[str, edge_pb2.DeviceStatus] = {}
+    task = f"edge: devices serving v{version}"
+    report(task, 0, len(devices))
     while time.monotonic() < deadline:
         try:
             status = fleet_status(address)
@@ -88,17 +97,20 @@ def wait_for_fleet(address: str, version: int, devices: list[str], min_predictio
             if d in latest and latest[d].last_telemetry.serving_version == version
             and latest[d].last_telemetry.num_predictions >= (min_predictions or {}).get(d, 0)
         ]
+        report(task, len(ready), len(devices))
         if len(ready) == len(devices):
             return latest
-        refused = [d for d in devices if d in latest and any(
-            e.version == version and e.status == "rejected" for e in latest[d].recent_events)]
+        refused = {d: e.reason for d in devices if d in latest for e in latest[d].recent_events
+                   if e.version == version and e.status in ("rejected", "rolled_back")}
         if refused:
-            reasons = {d: next(e.reason for e in latest[d].recent_events if e.version == version and e.status == "rejected")
-                       for d in refused}
-            raise DeployError(f"devices refused v{version}: {reasons}")
+            raise DeployError(f"v{version} was refused: " + "; ".join(f"{d}: {r}" for d, r in sorted(refused.items())),
+                              "the agents keep serving what they served; see their logs")
         time.sleep(0.2)
-    raise DeployError(f"after {timeout:.0f}s not all devices serve v{version}: "
-                      f"{ {d: (s.last_telemetry.serving_version, s.last_telemetry.num_predictions) for d, s in latest.items()} }")
+    serving = {d: latest[d].last_telemetry.serving_version if d in latest else None for d in devices}
+    behind = [d for d, v in serving.items() if v != version]
+    raise DeployError(f"after {timeout:.0f}s, {len(behind)} of {len(devices)} devices do not serve v{version} "
+                      f"({', '.join(f'{d}: ' + (f'v{serving[d]}' if serving[d] else 'nothing') for d in behind)})",
+                      "see the agents' logs")
 
 
 def _shards(data: TensorDataset, devices: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -124,6 +136,8 @@ def deploy_to_edge(model: nn.Module, test_data: TensorDataset, devices: int, wor
     if devices < 1:
         raise ValueError("devices must be >= 1")
     workdir = Path(workdir)
+    for own in (REGISTRY_DIR, AGENTS_DIR):  # each deploy starts from an empty registry and agents with no model
+        shutil.rmtree(workdir / own, ignore_errors=True)
     workdir.mkdir(parents=True, exist_ok=True)
     x_all, y_all = test_data.tensors[0], test_data.tensors[1]
     # INT8 calibrates on the inputs the fleet will see (no labels), as a device-side calibration would; the
@@ -133,23 +147,29 @@ def deploy_to_edge(model: nn.Module, test_data: TensorDataset, devices: int, wor
     calibration = order[len(held_out):] if len(order) > len(held_out) else order
     result = export_model(model, x_all, y_all, calibration_x=x_all[calibration], reference_x=x_all[held_out])
     token = secrets.token_hex(16)
-    registry, address, public_key = start_registry(workdir / "registry", token)
+    task = f"edge: registry and {devices} agents"
+    report(task, 0, devices + 1)
+    registry, address, public_key = start_registry(workdir / REGISTRY_DIR, token)
     agents: list[ChildProcess] = []
     try:
         names, sizes = [], {}
         for i, (x, y) in enumerate(_shards(test_data, devices)):
             name = f"edge-{i}"
-            data_path = workdir / "agents" / name / "data.npz"
+            data_path = workdir / AGENTS_DIR / name / "data.npz"
             data_path.parent.mkdir(parents=True, exist_ok=True)
             np.savez(data_path, x=x, y=y)
             declared, cpu = (_nth(options, i) for options in (precisions, emulate))
             extra = ["--serve-passes", "1", *(["--precisions", declared] if declared else [])]  # each sample once
-            agents.append(start_agent(address, name, public_key, workdir / "agents" / name, data_path, tier_for(i).tier,
+            agents.append(start_agent(address, name, public_key, workdir / AGENTS_DIR / name, data_path, tier_for(i).tier,
                                       extra=extra, launcher=emulator(cpu) if cpu else None))
             names.append(name)
             sizes[name] = len(x)
+            report(task, i + 2, devices + 1)
         reply = publish(address, token, result.formats, result.metadata)
-        fleet = wait_for_fleet(address, reply.version, names, sizes, timeout_s)
+        try:
+            fleet = wait_for_fleet(address, reply.version, names, sizes, timeout_s)
+        except DeployError as err:
+            raise DeployError(err.message, f"{err.hint}: {workdir / AGENTS_DIR}/*/agent.log") from err
     finally:
         for proc in agents:
             proc.stop(grace=10.0)
@@ -210,7 +230,7 @@ def _device_report(status: edge_pb2.DeviceStatus, version: int) -> dict[str, Any
                 check.update(top1=a.top1, max_logit_diff=a.max_logit_diff, logit_range=a.logit_range,
                              samples=a.samples, reference=a.reference)
             checks[e.format] = check
-    return {"version": t.serving_version, "format": t.format, "runtime": t.runtime,
+    return {"version": t.serving_version, "tier": status.profile.tier, "format": t.format, "runtime": t.runtime,
             "precisions": list(status.profile.precisions), "machine": caps.machine, "isa": list(caps.isa),
             "int8_kernel": caps.int8_kernel, "accuracy": t.accuracy if t.HasField("accuracy") else None,
             "predictions": t.num_predictions, "failures": t.num_failures, "p50_latency_ms": t.latency_p50_ms,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,15 +68,28 @@ def write_results(out_dir: str | Path, results: dict[str, Any]) -> Path:
     return path
 
 
-def record_method(
-    out_dir: str | Path, *, scenario: dict[str, Any], base_accuracy: float, name: str, entry: dict[str, Any]
-) -> Path:
-    """Merge one method's outcome into results.json (other methods' entries are kept)."""
-    results = load_results(out_dir)
+def method_results(*, scenario: dict[str, Any], base_accuracy: float, name: str, entry: dict[str, Any],
+                   into: dict[str, Any] | None = None) -> dict[str, Any]:
+    """results.json's content with one method's entry added (to `into`, one run's results so far, or a new one)."""
+    results = into if into is not None else {"scenario": {}, "base": {}, "methods": {}}
     results["scenario"] = scenario
     results["base"] = {"accuracy": base_accuracy}
     results.setdefault("methods", {})[name] = entry
-    return write_results(out_dir, results)
+    return results
+
+
+def set_aside(out_dir: str | Path) -> Path | None:
+    """Move an earlier run's results.json out of the way (`results.<its time>.json`), so no run merges into it."""
+    path = Path(out_dir) / RESULTS_FILE
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    kept = path.with_name(f"results.{stamp}.json")
+    n = 1
+    while kept.exists():
+        kept, n = path.with_name(f"results.{stamp}-{n}.json"), n + 1
+    path.rename(kept)
+    return kept
 
 
 @dataclass
@@ -88,21 +102,22 @@ class PlotSeries:
 
 
 def accuracy_series(results: dict[str, Any]) -> list[PlotSeries]:
-    """Per method: accuracy against cumulative uplink, from the base model on; a personalized method also
-    gets its personalized accuracy (where it differs from the global model's)."""
-    start = results.get("base", {}).get("accuracy", float("nan"))
+    """Per method: accuracy after each round against the cumulative uplink so far; a personalized method
+    also gets its personalized accuracy (where it differs from the global model's). The base model, at
+    zero uplink, is the plot's horizontal line rather than a point (zero has no place on a log axis)."""
     series = []
     for name, entry in results.get("methods", {}).items():
         rounds = entry.get("rounds", [])
-        xs = [0.0, *(b / 1e6 for b in itertools.accumulate(r["uplink_bytes"] for r in rounds))]
-        series.append(PlotSeries(name, name, xs, [start, *(r["accuracy"] for r in rounds)]))
+        xs = [b / 1e6 for b in itertools.accumulate(r["uplink_bytes"] for r in rounds)]
+        series.append(PlotSeries(name, name, xs, [r["accuracy"] for r in rounds]))
         personal = [r.get("personalized_accuracy", r["accuracy"]) for r in rounds]
         if any(p != r["accuracy"] for p, r in zip(personal, rounds, strict=True)):
-            series.append(PlotSeries(name, f"{name} (personalized)", xs, [start, *personal], personalized=True))
+            series.append(PlotSeries(name, f"{name} (personalized)", xs, personal, personalized=True))
     return series
 
 
-def plot_accuracy_vs_uplink(results: dict[str, Any], path: str | Path) -> Path:
+def accuracy_figure(results: dict[str, Any]) -> Any:
+    """The accuracy-vs-uplink figure (matplotlib): a log uplink axis whose limits hold every point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,15 +136,24 @@ def plot_accuracy_vs_uplink(results: dict[str, Any], path: str | Path) -> Path:
     personalized_methods = any(line.personalized for line in series)
     base = results.get("base", {}).get("accuracy")
     if base is not None:
-        ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="base model")
-    ax.set_xscale("symlog", linthresh=0.01)
-    ax.set_xlim(left=0)
-    ax.set_xlabel("cumulative uplink (MB, wire bytes)")
+        ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="base model (no uplink)")
+    xs = [x for line in series for x in line.uplink_mb if x > 0]
+    if xs:
+        ax.set_xscale("log")
+        ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)  # a margin on both sides: no marker is cut at the edge
+    ax.set_xlabel("cumulative uplink (MB, wire bytes; log scale)")
     ax.set_ylabel("accuracy (target domain)" if personalized_methods else "global accuracy (target domain)")
     ax.set_title(f"{results.get('scenario', {}).get('name', '')}: accuracy vs uplink")
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_vs_uplink(results: dict[str, Any], path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_figure(results)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

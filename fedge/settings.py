@@ -60,6 +60,10 @@ class NoOptions(ConfigSection):
     """A method without knobs of its own."""
 
 
+#: auto: resume from the last complete round; fresh: start over; off: write no checkpoint
+CHECKPOINT_MODES = ("auto", "fresh", "off")
+
+
 @dataclass
 class RunSettings(ConfigSection):
     """Keys every run has, whatever its method."""
@@ -94,3 +98,23 @@ class RunSettings(ConfigSection):
 
     def scenario_options(self) -> dict[str, Any]:
         return {"seed": self.seed, "alpha": self.alpha}
+
+    def validate(self) -> None:
+        """Refuse values no run can start with (checked with the keys, before anything trains)."""
+        rules = [
+            (self.num_server_rounds >= 1, "num-server-rounds must be at least 1"),
+            (self.num_clients >= 1, "num-clients must be at least 1"),
+            (0 <= self.clients_per_round <= self.num_clients, "clients-per-round must be 0 (all) up to num-clients"),
+            (self.local_epochs >= 1, "local-epochs must be at least 1"),
+            (self.batch_size >= 1, "batch-size must be at least 1"),
+            (self.lora_rank >= 1 and self.lora_alpha >= 1, "lora-rank and lora-alpha must be at least 1"),
+            (self.alpha > 0, "alpha (the Dirichlet concentration) must be positive"),
+            (self.lr >= 0, "lr must be 0 (the method's default) or positive"),
+            (self.min_replies > 0 and self.round_retries >= 0, "min-replies must be positive, round-retries >= 0"),
+            (self.min_replies < 1 or self.min_replies <= self.num_clients, "min-replies (a count) exceeds num-clients"),
+            (self.round_timeout > 0 and self.node_wait >= 0, "round-timeout must be positive, node-wait >= 0"),
+            (self.checkpoint in CHECKPOINT_MODES, f"checkpoint must be one of {', '.join(CHECKPOINT_MODES)}"),
+        ]
+        broken = [message for ok, message in rules if not ok]
+        if broken:
+            raise ValueError(f"run config: {'; '.join(broken)} (got {self.to_config()})")

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedge.errors import UserError
+
 
 def resolve_device(spec: str = "auto") -> torch.device:
     """`auto` means CUDA when present, else the CPU; an explicit CUDA device without CUDA is an error."""
@@ -17,7 +19,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {spec!r} requested but CUDA is not available")
+        raise UserError(f"device {spec!r}: CUDA is not available on this machine", "use --device cpu (or auto)")
     return device
 
 
@@ -54,11 +56,13 @@ def train_epochs(
     extra_loss: Callable[[], torch.Tensor] | None = None,
     param_groups: list[dict[str, Any]] | None = None,
     drop_last: bool = False,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> TrainStats:
     """Adam on the given parameters (default: those with requires_grad), seeded shuffling.
 
     `param_groups` (Adam's own groups, each with its lr) replaces `params` where parts
-    of a model learn at different rates; `drop_last` keeps BatchNorm away from batches of one.
+    of a model learn at different rates; `drop_last` keeps BatchNorm away from batches of one;
+    `on_epoch(epochs done)` follows long training (a progress bar).
     """
     if param_groups is None:
         trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
@@ -69,7 +73,7 @@ def train_epochs(
     loss_fn = nn.CrossEntropyLoss()
     model.to(device).train()
     total_loss, total_seen, steps = 0.0, 0, 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -81,6 +85,8 @@ def train_epochs(
             total_loss += float(loss.detach()) * len(y)
             total_seen += len(y)
             steps += 1
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
     return TrainStats(num_examples=len(data), loss=total_loss / max(total_seen, 1), steps=steps)
 
 

@@ -29,11 +29,10 @@ from flwr.serverapp.strategy import Strategy
 
 from fedge.atomic_file import atomic_write
 from fedge.results import FleetAccuracy
-from fedge.settings import RunSettings
+from fedge.settings import CHECKPOINT_MODES, RunSettings
 
 log = logging.getLogger("fedge.server")
 
-MODES = ("auto", "fresh", "off")
 
 FORMAT_VERSION = 1
 MANIFEST = "checkpoint.json"
@@ -74,6 +73,8 @@ class Checkpoint:
     base: dict[str, Any] = field(default_factory=dict)
     fleet: dict[str, Any] = field(default_factory=dict)
     strategy_state: dict[str, Any] | None = None
+    #: the run config that produced it (what rebuilds the model: `fedge export --checkpoint`)
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -147,6 +148,7 @@ def save_checkpoint(folder: str | Path, ckpt: Checkpoint) -> Path:
         "totals": ckpt.totals,
         "base": ckpt.base,
         "fleet": ckpt.fleet,
+        "config": ckpt.config,
     }
     atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
     for old in folder.glob("round-*.safetensors"):
@@ -182,6 +184,7 @@ def load_checkpoint(folder: str | Path) -> Checkpoint | None:
         base=dict(manifest.get("base", {})),
         fleet=dict(manifest.get("fleet", {})),
         strategy_state=strategy_state,
+        config=dict(manifest.get("config", {})),
     )
 
 
@@ -190,11 +193,12 @@ class RunCheckpoints:
 
     def __init__(self, settings: RunSettings, run_config: Mapping[str, Any] | None = None) -> None:
         """`run_config`: the whole config of the run, method section included (its hash names the folder)."""
-        if settings.checkpoint not in MODES:
-            raise ValueError(f"checkpoint={settings.checkpoint!r}; expected one of {MODES}")
+        if settings.checkpoint not in CHECKPOINT_MODES:
+            raise ValueError(f"checkpoint={settings.checkpoint!r}; expected one of {CHECKPOINT_MODES}")
         self.mode = settings.checkpoint
         self.method = settings.method
-        self.digest = config_hash(settings.to_config() if run_config is None else run_config)
+        self.config = dict(settings.to_config() if run_config is None else run_config)
+        self.digest = config_hash(self.config)
         root = settings.checkpoint_dir or str(Path(settings.out_dir) / "checkpoints")
         self.folder = checkpoint_dir(root, settings.method, self.digest)
 
@@ -223,7 +227,7 @@ class RunCheckpoints:
         state = strategy.state_dict() if isinstance(strategy, Stateful) else None
         save_checkpoint(self.folder, Checkpoint(
             method=self.method, config_hash=self.digest, server_round=server_round, arrays=arrays,  # type: ignore[arg-type]
-            rows=rows, totals=totals, base=asdict(base), fleet=asdict(fleet), strategy_state=state,
+            rows=rows, totals=totals, base=asdict(base), fleet=asdict(fleet), strategy_state=state, config=self.config,
         ))
 
     def describe(self, resumed_from: int) -> dict[str, Any]:

@@ -11,6 +11,7 @@ restarted server continues after the last checkpointed round.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,10 +21,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedge.errors import UserError
 from fedge.federated_model import count_params
 from fedge.messages import METRICS_RECORD, scalar, total_wire_bytes
 from fedge.methods import RunSpec
-from fedge.results import ClientEval, FleetAccuracy, fleet_accuracy, record_method
+from fedge.results import ClientEval, FleetAccuracy, fleet_accuracy
 from fedge.scenario import load_scenario
 from fedge.server.checkpoints import RunCheckpoints
 from fedge.server.nodes import connected_view, in_partition_order, required_replies, wait_for_nodes
@@ -32,10 +34,14 @@ from fedge.state import from_record, to_record
 
 log = logging.getLogger("fedge.server")
 
+#: the line each round logs (Flower's run log shows it; `fedge deploy-local` follows it for its progress bar)
+ROUND_LINE = "%s round %d/%d: accuracy %.4f, uplink %.1f KB, downlink %.1f KB, %d of %d clients"
+ROUND_PATTERN = re.compile(r"(\S+) round (\d+)/(\d+): accuracy ([0-9.]+)")
+
 RoundCallback = Callable[[str, dict[str, Any]], None]
 
 
-class RoundFailed(RuntimeError):
+class RoundFailed(UserError):
     """Too few replies even after the allowed retries; the checkpoint keeps every earlier round."""
 
 
@@ -46,6 +52,9 @@ class FederationOutcome:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
     arrays: ArrayRecord | None = None
+    #: results.json's parts: the scenario's description and this method's entry (rounds, final, checkpoint...)
+    scenario: dict[str, Any] = field(default_factory=dict)
+    entry: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,7 +114,8 @@ def train_round(strategy: Strategy, server_round: int, arrays: ArrayRecord, conf
             return TrainRound(aggregated, metrics, len(ok), len(messages), attempt, uplink, downlink)
         log.warning("round %d attempt %d: %d of %d replies, %d needed; %s", server_round, attempt, len(ok),
                     len(messages), need, "retrying" if attempt <= settings.round_retries else "giving up")
-    raise RoundFailed(f"round {server_round}: too few replies after {settings.round_retries + 1} attempts")
+    raise RoundFailed(f"round {server_round}: too few replies after {settings.round_retries + 1} attempts",
+                      "the nodes' errors are in the log; the checkpoint keeps every earlier round (resume from it)")
 
 
 def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = None) -> FederationOutcome:
@@ -121,7 +131,8 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
 
     nodes = wait_for_nodes(grid, settings.num_clients, settings.node_wait)
     if len(nodes) < required_replies(settings.min_replies, settings.num_clients):
-        raise RoundFailed(f"only {len(nodes)} of {settings.num_clients} nodes connected within {settings.node_wait}s")
+        raise RoundFailed(f"only {len(nodes)} of {settings.num_clients} nodes connected within {settings.node_wait}s",
+                          "start the missing SuperNodes, or lower num-clients")
 
     resumed = checkpoints.resume(strategy)
     rows: list[dict[str, Any]] = []
@@ -161,6 +172,8 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
         if result.metrics is not None:
             row.update({k.replace("-", "_"): scalar(v) for k, v in result.metrics.items() if k != "partition-id"})
         rows.append(row)
+        log.info(ROUND_LINE, method.name, server_round, settings.num_server_rounds, fleet.accuracy,
+                 result.uplink / 1e3, result.downlink / 1e3, result.replies, result.sent)
         checkpoints.commit(server_round, from_record(arrays), strategy, rows, totals, base, fleet)
         if on_round is not None:
             on_round(method.name, row)
@@ -182,11 +195,6 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
         entry.update(finish(grid, arrays, config))
     if checkpoints.enabled:
         entry["checkpoint"] = checkpoints.describe(first_round - 1)
-    record_method(
-        settings.out_dir,
-        scenario=scenario.describe(settings.num_clients),
-        base_accuracy=base.accuracy,
-        name=method.name,
-        entry=entry,
-    )
+    outcome.entry = entry
+    outcome.scenario = scenario.describe(settings.num_clients)
     return outcome

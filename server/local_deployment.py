@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,11 +22,18 @@ from typing import Any, Self
 
 import tomli_w
 
+from fedge.errors import UserError
 from fedge.processes import ChildProcess
+from fedge.progress import report
 from fedge.server.certs import Credentials, create_credentials
+from fedge.server.federation import ROUND_PATTERN
 
 CONNECTION = "fedge-local"
 FINISHED = "finished"
+#: Flower's binaries a local deployment runs
+BINARIES = ("flower-superlink", "flower-supernode", "flwr")
+#: what a deployment keeps in its workdir; a new deployment there removes them first (each run owns its state)
+STATE = ("state.db", "state.db-shm", "state.db-wal", "state.db-journal", "logs", "flwr-home", "certs")
 
 
 def free_port() -> int:
@@ -49,7 +57,33 @@ def find_app_dir(start: str | Path | None = None) -> Path:
         pyproject = folder / "pyproject.toml"
         if pyproject.exists() and "[tool.flwr.app]" in pyproject.read_text():
             return folder.resolve()
-    raise FileNotFoundError(f"no Flower app (pyproject.toml with [tool.flwr.app]) in {[str(c) for c in candidates]}")
+    raise UserError(f"no Flower app (a pyproject.toml with [tool.flwr.app]) in {', '.join(str(c) for c in candidates)}",
+                    "run this from fedge's source folder (the app Flower packages)")
+
+
+def packaged_by_flower(app_dir: Path, path: Path) -> bool:
+    """Whether `flwr run` would put files written under `path` (results.json, checkpoints) into the app it
+    packages from `app_dir`: `path` is inside the app and its .gitignore does not exclude it."""
+    from flwr.cli.utils import filter_paths_for_publish
+
+    try:
+        relative = Path(path).resolve().relative_to(app_dir.resolve())
+    except ValueError:
+        return False
+    ignore = app_dir / ".gitignore"
+    probe = (relative / "results.json").as_posix()
+    kept = filter_paths_for_publish({probe: b"", ".gitignore": ignore.read_bytes() if ignore.exists() else b""})
+    return probe in kept
+
+
+def check_outside_app(app_dir: Path, path: Path, option: str) -> None:
+    """Refuse an output folder whose files Flower would package into the app (later runs would ship them, and
+    fail once they nest too deep)."""
+    if packaged_by_flower(app_dir, path):
+        top = Path(path).resolve().relative_to(app_dir.resolve()).parts[0]
+        raise UserError(f"{option} {path} is inside the Flower app {app_dir}, and `flwr run` would package what "
+                        "this run writes there into the app", f"use a folder outside it (or under fedge-out/), or "
+                        f"add {top}/ to {app_dir / '.gitignore'}")
 
 
 @dataclass
@@ -64,12 +98,16 @@ class LocalDeployment:
     control_port: int = field(default_factory=free_port)
     superlink: ChildProcess | None = None
     nodes: dict[str, ChildProcess] = field(default_factory=dict)  # by process name
+    followers: list[ChildProcess] = field(default_factory=list)  # `flwr log` streams of the runs
     credentials: Credentials | None = None
     #: a folder of node-<i>.npz files: each SuperNode trains on its own file (node config `data-path`)
     node_data: Path | None = None
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
+        for name in (*STATE, *(p.name for p in self.workdir.glob("run-config-*.toml"))):
+            target = self.workdir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         self.flwr_home = self.workdir / "flwr-home"
         self.logs = self.workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -138,7 +176,8 @@ class LocalDeployment:
         deadline = time.monotonic() + timeout
         while not (port_open(self.fleet_port) and port_open(self.control_port)):
             if not self.superlink.alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"SuperLink did not come up:\n{self.superlink.tail()}")
+                last = (self.superlink.tail(5).strip().splitlines() or ["(no output)"])[-1]
+                raise UserError(f"the SuperLink did not come up: {last}", f"its log: {self.superlink.log}")
             time.sleep(0.5)
         return self.superlink
 
@@ -170,7 +209,7 @@ class LocalDeployment:
             self.superlink.stop(sig=sig)
 
     def stop(self) -> None:
-        for proc in self.nodes.values():
+        for proc in [*self.followers, *self.nodes.values()]:
             proc.stop()
         self.stop_superlink()
 
@@ -186,35 +225,49 @@ class LocalDeployment:
         """`flwr run` of the app with `run_config` overrides; returns the run id."""
         overrides = self.workdir / f"run-config-{time.time_ns()}.toml"
         overrides.write_text(tomli_w.dumps(run_config))
-        done = self.flwr("run", str(self.app_dir), CONNECTION, "--run-config", str(overrides), "--format", "json")
-        return int(json.loads(done.stdout)["run-id"])
+        done = self.flwr("run", str(self.app_dir), CONNECTION, "--run-config", str(overrides), "--format", "json",
+                         check=False)
+        try:
+            reply = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            reply = {"error-message": (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]}
+        if done.returncode != 0 or not reply.get("success"):
+            reason = " ".join(str(reply.get("error-message", "")).split())
+            raise UserError(f"`flwr run` did not start the run: {reason}", f"Flower's app folder: {self.app_dir}")
+        return int(reply["run-id"])
+
+    def follow(self, run_id: int) -> ChildProcess:
+        """Stream the run's log (`flwr log`, which ends with the run) into logs/run-<id>.log."""
+        follower = self._spawn(f"run-{run_id}", ["flwr", "log", str(run_id), CONNECTION])
+        self.followers.append(follower)
+        return follower
 
     def run_info(self, run_id: int) -> dict[str, Any]:
         done = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=60)
         runs = json.loads(done.stdout).get("runs", [])
         return dict(runs[0]) if runs else {}
 
-    def wait(self, run_id: int, timeout: float, poll: float = 1.0, cli_every: float = 20.0) -> dict[str, Any]:
+    def wait(self, run_id: int, timeout: float, poll: float = 1.0, cli_every: float = 20.0,
+             run_log: Path | None = None) -> dict[str, Any]:
         """Wait until `flwr ls` reports the run finished (completed, failed or stopped); the last run info.
 
         Each `flwr` call costs a Python start-up, so the CLI is asked when the
         SuperLink's log says the run's ServerApp task finished, and otherwise
-        only every `cli_every` seconds.
+        only every `cli_every` seconds. The rounds the run's log (`run_log`, see
+        `follow`) announces are reported as progress.
         """
         deadline = time.monotonic() + timeout
         marker = f" of run {run_id}"
         info: dict[str, Any] = {}
-        offset, last_ask = 0, float("-inf")
+        superlink_lines, round_lines = LineReader(self.superlink.log if self.superlink else None), LineReader(run_log)
+        last_ask = float("-inf")
         while time.monotonic() < deadline:
-            hint = False
-            if self.superlink is not None and self.superlink.log.exists():
-                with open(self.superlink.log, "rb") as fh:
-                    fh.seek(offset)
-                    raw = fh.read()
-                complete = raw[: raw.rfind(b"\n") + 1]  # whole lines only; a partial one is read next time
-                offset += len(complete)
-                lines = complete.decode(errors="replace").splitlines()
-                hint = any("Finished task" in line and line.rstrip().endswith(marker) for line in lines)
+            for line in round_lines.new_lines():
+                if found := ROUND_PATTERN.search(line):
+                    method, done, total, accuracy = found.groups()
+                    report(f"run {run_id}: {method}, rounds", int(done), int(total), f"accuracy {accuracy}")
+            lines = superlink_lines.new_lines()
+            hint = any("Finished task" in line and line.rstrip().endswith(marker) for line in lines)
             if hint or time.monotonic() - last_ask >= cli_every:
                 last_ask = time.monotonic()
                 try:
@@ -226,10 +279,35 @@ class LocalDeployment:
                 if hint:
                     last_ask = float("-inf")  # finishing: ask again on the next poll
             time.sleep(poll)
-        raise TimeoutError(f"run {run_id} not finished after {timeout:.0f}s (last status {info.get('status')})")
+        raise UserError(f"run {run_id} not finished after {timeout:.0f}s (last status {info.get('status')})",
+                        f"give it longer (--timeout), or see the logs in {self.logs}")
 
     def logs_of(self, run_id: int) -> str:
         return self.flwr("log", str(run_id), CONNECTION, "--show", check=False, timeout=60).stdout
+
+
+class LineReader:
+    """The whole lines a growing log file gained since the last call (a partial last line waits for its end)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path, self.offset = path, 0
+
+    def new_lines(self) -> list[str]:
+        if self.path is None or not self.path.exists():
+            return []
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            raw = fh.read()
+        complete = raw[: raw.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return complete.decode(errors="replace").splitlines()
+
+
+def failure_reason(log: str) -> str:
+    """The line of a run's log that says why it failed (its last error), else its last line."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "ERROR" in line or "Exception" in line]
+    return (errors or lines or ["(the run left no log)"])[-1]
 
 
 def run_local(workdir: str | Path, num_nodes: int, run_config: dict[str, Any], *, secure: bool = False,
@@ -238,20 +316,34 @@ def run_local(workdir: str | Path, num_nodes: int, run_config: dict[str, Any], *
 
     The run's results.json (written by the ServerApp into `out-dir`) gains a
     `deployment` entry: run id, final status, Flower's own network byte count.
+    Output folders inside the app that Flower would package are refused before
+    anything starts.
     """
     from fedge.results import load_results, write_results
 
+    missing = [b for b in BINARIES if shutil.which(b) is None]
+    if missing:
+        raise UserError(f"Flower's {', '.join(missing)} not found on PATH", "install fedge's dependencies (.ci/install)")
     out_dir = Path(run_config.get("out-dir", Path(workdir) / "out")).resolve()
     run_config = {**run_config, "out-dir": str(out_dir), "num-clients": num_nodes}
+    app = find_app_dir(app_dir)
+    check_outside_app(app, out_dir, "--out")
+    check_outside_app(app, Path(workdir), "--workdir")
     started = time.perf_counter()
-    deployment = LocalDeployment(Path(workdir), num_nodes, app_dir=find_app_dir(app_dir), secure=secure,
-                                 node_data=node_data)
+    task = f"SuperLink + {num_nodes} SuperNodes"
+    report(task, 0, 2, "starting")
+    deployment = LocalDeployment(Path(workdir), num_nodes, app_dir=app, secure=secure, node_data=node_data)
     with deployment:
         deployment.start()
+        report(task, 1, 2, "submitting the run (`flwr run`)")
         run_id = deployment.submit(run_config)
-        info = deployment.wait(run_id, timeout)
+        report(task, 2, 2, f"run {run_id}")
+        follower = deployment.follow(run_id)
+        info = deployment.wait(run_id, timeout, run_log=follower.log)
         if info.get("status") != f"{FINISHED}:completed":
-            raise RuntimeError(f"run {run_id} ended {info.get('status')}; its log:\n{deployment.logs_of(run_id)[-4000:]}")
+            log = follower.output() or deployment.logs_of(run_id)
+            raise UserError(f"run {run_id} ended {info.get('status')}: {failure_reason(log)}",
+                            f"its whole log: {follower.log}")
     results = load_results(out_dir)
     results["deployment"] = {
         "run_id": run_id,

@@ -177,26 +177,34 @@ def run_codec_bench(
 
 
 def print_codec_bench(rows: Sequence[Mapping[str, Any]], console: Any = None) -> None:
-    """A rich table: one row per (update, codec)."""
+    """Two rich tables, one row per (update, codec) in each: sizes and errors, then speeds (each fits a
+    140-column terminal whole; one table of all columns was cut there)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="fedge codecs (speeds: MB/s of fp32 input; x memcpy = codec speed / memcpy speed)")
-    for col, justify in [("update", "left"), ("codec", "left"), ("params", "left"), ("bytes", "right"),
-                         ("ratio", "right"), ("coded/bound", "right"), ("ec/bound", "right"),
-                         ("rel L2 err", "right"), ("enc MB/s", "right"), ("dec MB/s", "right"),
-                         ("enc x memcpy", "right"), ("dec x memcpy", "right"), ("memcpy MB/s", "right")]:
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for r in rows:
-        ec = r["entropy_coded_over_bound"]
-        table.add_row(
-            r["update"], r["codec"], ",".join(f"{k}={v}" for k, v in r["params"].items()), f"{r['coded_bytes']:,}",
-            f"{r['ratio']:.1f}x", f"{r['coded_over_bound']:.3f}", "-" if ec is None else f"{ec:.3f}",
-            f"{r['rel_l2_error']:.3f}", f"{r['encode_mbps']:.0f}", f"{r['decode_mbps']:.0f}",
-            f"{r['encode_vs_memcpy']:.3f}", f"{r['decode_vs_memcpy']:.3f}", f"{r['memcpy_mbps']:.0f}",
-        )
     if console is None:
         console = Console()
-        if not console.is_terminal:  # piped to a file or a log: do not squeeze the table to 80 columns
+        if not console.is_terminal:  # piped to a file or a log: do not squeeze the tables to 80 columns
             console = Console(width=200)
-    console.print(table)
+    sizes = Table(title="fedge codecs: size (ratio: dense fp32 bytes / coded bytes; bound: the entropy bound)",
+                  title_justify="left")
+    for col, justify in [("update", "left"), ("codec", "left"), ("params", "left"), ("bytes", "right"),
+                         ("ratio", "right"), ("coded/bound", "right"), ("ec/bound", "right"), ("rel L2 err", "right")]:
+        sizes.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    speeds = Table(title="fedge codecs: speed (MB/s of fp32 input; x memcpy: codec speed / memcpy speed)",
+                   title_justify="left")
+    for col in ("update", "codec", "enc MB/s", "dec MB/s", "enc x memcpy", "dec x memcpy", "memcpy MB/s"):
+        speeds.add_column(col, justify="left" if col in ("update", "codec") else "right", overflow="fold")
+    for r in rows:
+        ec = r["entropy_coded_over_bound"]
+        sizes.add_row(
+            r["update"], r["codec"], " ".join(f"{k}={v}" for k, v in r["params"].items()), f"{r['coded_bytes']:,}",
+            f"{r['ratio']:.1f}x", f"{r['coded_over_bound']:.3f}", "-" if ec is None else f"{ec:.3f}",
+            f"{r['rel_l2_error']:.3f}",
+        )
+        speeds.add_row(
+            r["update"], r["codec"], f"{r['encode_mbps']:.0f}", f"{r['decode_mbps']:.0f}",
+            f"{r['encode_vs_memcpy']:.3f}", f"{r['decode_vs_memcpy']:.3f}", f"{r['memcpy_mbps']:.0f}",
+        )
+    console.print(sizes)
+    console.print(speeds)

@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedge.console import console
+from fedge.console import console, progress_bars
+from fedge.errors import UserError
+from fedge.settings import RunSettings
+
+_DEFAULTS = RunSettings()
 
 bench_app = typer.Typer(help="Benchmarks: ours against the baseline, measured side by side in one run.",
                         no_args_is_help=True)
@@ -25,10 +28,13 @@ def method_configs(names: list[str], common: dict[str, Any], items: list[str]) -
     from flwr.common.config import parse_config_args
 
     from fedge.methods import get_method, resolve
-    from fedge.settings import RunSettings
 
     configs = {name: dict(common, method=name) for name in names}
-    for key, value in parse_config_args(items).items():
+    try:
+        overrides = parse_config_args(items)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--run-config") from err
+    for key, value in overrides.items():
         section, dot, rest = key.partition(".")
         if key in RunSettings.config_keys():
             targets = {name: key for name in names}
@@ -49,73 +55,94 @@ def method_configs(names: list[str], common: dict[str, Any], items: list[str]) -
         try:
             resolve(config)
         except ValueError as err:
-            raise typer.BadParameter(str(err), param_hint="--run-config") from err
+            raise UserError(f"{config['method']}: {err}", "fix the option or --run-config key named; "
+                            "`fedge run --help` lists the options") from err
     return configs
 
 
 def run(
     methods: Annotated[str, typer.Option(help="comma-separated; `fedge methods` lists them")] = "lora-fedavg,full-fedavg",
-    rounds: Annotated[int, typer.Option(help="server rounds")] = 10,
-    clients: Annotated[int | None, typer.Option(help="virtual clients (default 8, --quick 6)")] = None,
-    clients_per_round: Annotated[int, typer.Option(help="clients sampled per round (0: all)")] = 0,
+    rounds: Annotated[int | None, typer.Option(min=1, help="server rounds (default 10; --quick 5)")] = None,
+    clients: Annotated[int | None, typer.Option(min=2, help="virtual clients (default 8; --quick 6)")] = None,
+    clients_per_round: Annotated[int, typer.Option(min=0, help="clients sampled per round (0: all)")] = 0,
     seed: int = 0,
     alpha: Annotated[float, typer.Option(help="Dirichlet label-skew concentration")] = 0.5,
     scenario: str = "digits-shift",
-    local_epochs: int = 3,
+    local_epochs: Annotated[int | None, typer.Option(min=1, help="local epochs per round (default 3; --quick 2)")] = None,
     lr: Annotated[float, typer.Option(help="local learning rate (0: each method's default)")] = 0.0,
+    lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank of every adapted layer")] = _DEFAULTS.lora_rank,
+    lora_alpha: Annotated[int, typer.Option(min=1, help="LoRA alpha (updates are scaled by alpha / rank)")] = _DEFAULTS.lora_alpha,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
-    out: Annotated[Path, typer.Option(help="output folder for results.json and the plot")] = Path("fedge-out"),
-    quick: Annotated[bool, typer.Option(help="a small run that finishes in minutes on 2 CPU cores")] = False,
+    out: Annotated[Path, typer.Option(help="output folder: results.json, the plot, checkpoints, the edge fleet's state; "
+                                      "an earlier run's outputs there are replaced")] = Path("fedge-out"),
+    quick: Annotated[bool, typer.Option(help="a small run (5 rounds, 6 clients, 2 local epochs, unless given) "
+                                        "that takes a few minutes on 2 CPU cores")] = False,
     resume: Annotated[bool, typer.Option(help="continue from the checkpoints in OUT/checkpoints instead of starting over")] = False,
     run_config: Annotated[list[str] | None, typer.Option(
         "--run-config", help="Flower-style overrides, e.g. \"density-up=0.0625 flasc.server-opt='adamw'\" (repeatable)")] = None,
     edge_devices: Annotated[int, typer.Option(
-        help="edge agents (separate processes on loopback) that receive the first method's final model; 0: none")] = 2,
+        min=0, help="edge agents (separate processes on loopback) that receive the first method's final model; 0: none")] = 2,
 ) -> None:
     """Run federations of the given methods on a scenario, with Flower's simulation runtime, then deploy to the edge."""
     from fedge.methods import available_methods
+    from fedge.outputs import EDGE, check_out_dir, clear_previous_run
     from fedge.results import (
         PLOT_FILE,
         RESULTS_FILE,
         final_table,
-        load_results,
+        method_results,
         plot_accuracy_vs_uplink,
         round_table,
         write_results,
     )
+    from fedge.scenario import load_scenario
     from fedge.sim.runner import simulate
+    from fedge.training import resolve_device
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in available_methods()]
-    if unknown:
+    if unknown or not names:
         raise typer.BadParameter(f"unknown methods {unknown}; known: {', '.join(available_methods())}",
                                  param_hint="--methods")
+    rounds = rounds or (5 if quick else 10)
     clients = clients or (6 if quick else 8)
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / RESULTS_FILE
-    if results_path.exists():
-        results_path.unlink()  # a run's results.json describes that run only
+    local_epochs = local_epochs or (2 if quick else 3)
+    if clients_per_round > clients:
+        raise typer.BadParameter(f"{clients_per_round} is more than --clients {clients}", param_hint="--clients-per-round")
+    out = check_out_dir(out)
+    resolve_device(device)
     common = {"num-server-rounds": rounds, "num-clients": clients, "clients-per-round": clients_per_round,
               "seed": seed, "alpha": alpha, "scenario": scenario, "local-epochs": local_epochs, "lr": lr,
-              "device": device, "out-dir": str(out), "checkpoint": "auto" if resume else "fresh"}
-    configs = method_configs(names, common, run_config or [])
+              "lora-rank": lora_rank, "lora-alpha": lora_alpha, "device": device, "out-dir": str(out),
+              "checkpoint": "auto" if resume else "fresh"}
+    configs = method_configs(names, common, run_config or [])  # every key checked before anything trains
+    removed = clear_previous_run(out, keep_checkpoints=resume)
+    if removed:
+        console.print(f"{out} held an earlier run: replaced its {', '.join(removed)}"
+                      + (" (checkpoints kept: --resume)" if resume else ""))
+    results_path = out / RESULTS_FILE
     started = time.perf_counter()
     outcomes: dict[str, Any] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),
-                  TimeElapsedColumn(), console=console) as progress:
+    results: dict[str, Any] | None = None
+    with progress_bars() as progress:
+        load_scenario(scenario, seed=seed, alpha=alpha).base_model()  # trained here, with a bar, on first use
         for name in names:
-            task = progress.add_task(f"{name:>12}", total=rounds, acc="")
+            task = progress.add_task(f"{name:>12}", total=rounds, note="")
             rows: list[dict[str, Any]] = []
 
             def on_round(_: str, row: dict[str, Any], task: Any = task, rows: list = rows) -> None:
                 rows.append(row)
-                progress.update(task, advance=1, acc=f"acc {row['accuracy']:.3f}  up {row['uplink_bytes'] / 1e3:.0f} KB")
+                progress.update(task, completed=row["round"],
+                                note=f"acc {row['accuracy']:.3f}  up {row['uplink_bytes'] / 1e3:.0f} KB")
 
-            outcomes[name] = simulate(configs[name], on_round=on_round)
+            outcome = outcomes[name] = simulate(configs[name], on_round=on_round, record=False)
+            results = method_results(scenario=outcome.scenario, base_accuracy=outcome.base.accuracy, name=name,
+                                     entry=outcome.entry, into=results)
+            write_results(out, results)  # a finished method is kept even if a later one fails
             progress.console.print(round_table(name, rows))
-    results = load_results(out)
-    if edge_devices > 0:
-        results["edge"] = deploy_final(configs[names[0]], outcomes[names[0]].arrays, edge_devices, out)
+        assert results is not None
+        if edge_devices > 0:
+            results["edge"] = deploy_final(configs[names[0]], outcomes[names[0]].arrays, edge_devices, out / EDGE)
     results["run"] = {"methods": names, "rounds": rounds, "clients": clients, "seconds": time.perf_counter() - started}
     write_results(out, results)
     plot = plot_accuracy_vs_uplink(results, out / PLOT_FILE)
@@ -129,14 +156,14 @@ def run(
     console.print(f"wrote {results_path} and {plot}")
 
 
-def deploy_final(config: dict[str, Any], arrays: Any, devices: int, out: Path) -> dict[str, Any]:
+def deploy_final(config: dict[str, Any], arrays: Any, devices: int, workdir: Path) -> dict[str, Any]:
     """Export the run's final model and push it to `devices` edge agents; returns results.json's "edge" entry."""
     from fedge.edge.capabilities import describe
     from fedge.edge.fleet import deploy_to_edge
     from fedge.sim.handoff import final_model, fleet_data
+    from fedge.state import from_record
 
-    with console.status(f"{config['method']}: exporting and deploying to {devices} edge agents"):
-        edge = deploy_to_edge(final_model(config, arrays), fleet_data(config), devices, out / "edge")
+    edge = deploy_to_edge(final_model(config, from_record(arrays)), fleet_data(config), devices, workdir)
     fp32, int8 = edge["fp32"], edge["int8"]
     served = ", ".join(f"{n} {fmt}" for fmt, n in sorted(edge["formats_served"].items()))
     console.print(f"edge: {edge['deployed']}/{edge['devices']} agents serve {config['method']} ({served}) on "
@@ -146,6 +173,14 @@ def deploy_final(config: dict[str, Any], arrays: Any, devices: int, out: Path) -
                   f"{int8['agreement_vs_fp32']:.4f}), measured on {describe(edge['host'])}; fleet accuracy "
                   f"{edge['accuracy']:.4f}, p50 {edge['p50_latency_ms']:.2f} ms")
     return edge
+
+
+def run_source(out: Path | None, method: str | None, checkpoint: Path | None) -> Any:
+    """A finished run's final model for `fedge export --from` and `fedge edge deploy --from` (the edge's CLI
+    gets this from the top-level CLI: rebuilding a method's model needs the methods, which the edge never imports)."""
+    from fedge.sim.handoff import run_source as load
+
+    return load(out, method, checkpoint)
 
 
 def methods() -> None:

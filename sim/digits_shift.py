@@ -25,6 +25,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fedge.progress import report
 from fedge.scenario import ClientData
 from fedge.sim.partition import dirichlet_partition
 from fedge.sim.shifts import CameraShift
@@ -171,8 +172,11 @@ class DigitsShift:
         try:
             torch.manual_seed(self.seed)
             model = DigitsCNN(self.num_classes)
+            task = f"{self.name}: training the base model (first use; cached in {cache_dir()})"
+            report(task, 0, self.base_epochs, "epochs")
             train_epochs(model, self.source_data(), epochs=self.base_epochs, lr=1e-3, batch_size=64,
-                         device=torch.device("cpu"), seed=self.seed)
+                         device=torch.device("cpu"), seed=self.seed,
+                         on_epoch=lambda done: report(task, done, self.base_epochs, "epochs"))
         finally:
             torch.set_num_threads(threads)
         path.parent.mkdir(parents=True, exist_ok=True)

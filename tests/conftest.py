@@ -1,14 +1,35 @@
-"""Test-wide settings: one base-model cache per test session, shared by every process the tests start."""
+"""Test-wide settings: one base-model cache per test session, shared by every process the tests start.
+
+The cache is a fresh folder (each session trains the base model once, as a fresh machine would) that the
+session removes when it ends, unless FEDGE_TEST_CACHE names a folder to keep and reuse.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
 
-_CACHE = os.environ.get("FEDGE_TEST_CACHE") or tempfile.mkdtemp(prefix="fedge-test-cache-")
+_KEEP = os.environ.get("FEDGE_TEST_CACHE")
+_CACHE = _KEEP or tempfile.mkdtemp(prefix="fedge-test-cache-")
 os.environ["FEDGE_CACHE"] = _CACHE  # inherited by Ray workers and subprocesses
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The docs test (about half an hour) runs only when a -m expression names it (`pytest -m docs`)."""
+    if "docs" in (config.getoption("markexpr") or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker("docs")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("docs")]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not _KEEP:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
+from rich.console import Console
+
 from fedge.codecs import available_codecs
 from fedge.sim.bench_codecs import print_codec_bench, random_update, run_codec_bench
 
@@ -18,7 +22,18 @@ def test_bench_rows_are_complete_and_consistent() -> None:
     by = {r["codec"]: r for r in rows}
     assert by["dense"]["ratio"] == 1.0 and by["dense"]["rel_l2_error"] == 0.0
     assert by["fedzip"]["entropy_coded_over_bound"] < 1.1
-    print_codec_bench(rows)
+
+    # The tables fit a 140-column terminal whole: every header and every cell, nothing cut to an ellipsis.
+    rows = [dict(r, update="random-t3:10000000") for r in rows]  # the longest label `fedge bench codecs` prints
+    console = Console(width=140, record=True, file=io.StringIO())
+    print_codec_bench(rows, console=console)
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 140
+    for header in ("update", "codec", "params", "bytes", "ratio", "coded/bound", "ec/bound", "rel L2 err", "enc MB/s",
+                   "dec MB/s", "enc x memcpy", "dec x memcpy", "memcpy MB/s"):
+        assert header in text, header
+    for r in rows:
+        assert " ".join(f"{k}={v}" for k, v in r["params"].items()) in text and f"{r['coded_bytes']:,}" in text
 
 
 def test_random_update_has_the_requested_size() -> None:

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _edge_support import base_onnx, bundle, target_data, to_npz, trained_model, wait_until
+import torch
+from _edge_support import base_onnx, bundle, collapsed, target_data, to_npz, trained_model, wait_until
 
 from fedge.edge.export import accuracy
-from fedge.edge.fleet import deploy_to_edge
+from fedge.edge.fleet import DeployError, deploy_to_edge
 from fedge.edge.registry import Registry, start
+from fedge.errors import UserError
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +73,7 @@ def test_deploy_to_edge_reaches_every_device(tmp_path: Path) -> None:
     report = deploy_to_edge(trained_model(), target_data(), devices=2, workdir=tmp_path, precisions=["", "fp16,fp32"])
     assert set(report) == {"devices", "deployed", "runtime", "host", "artifact", "fp32", "int8", "fp16",
                            "formats_served", "fleet", "p50_latency_ms", "accuracy"}
-    assert report["devices"] == 2 and report["deployed"] == 2
+    assert report["devices"] == 2 and report["deployed"] == 2 and report["artifact"]["version"] == 1
     assert report["runtime"] == "onnxruntime-cpu"
     assert report["host"]["int8_kernel"] in ("vnni", "pmaddubsw", "sdot", "neon") and report["host"]["isa"]
     artifact = report["artifact"]
@@ -93,6 +97,18 @@ def test_deploy_to_edge_reaches_every_device(tmp_path: Path) -> None:
         served = (tmp_path / "registry" / "artifacts" / "v000001" / f"{device['format']}.bin").read_bytes()
         assert device["accuracy"] == pytest.approx(accuracy(served, x[shards[name]], y[shards[name]]), abs=1e-9)
 
+    # A second deploy into the same folder starts a fleet of its own: a fresh registry (the new model is v1, not v2)
+    # and agents without the first fleet's models (which would restore and canary against them), so a weaker model
+    # (its classes rolled by one) is served as it is.
+    weaker = copy.deepcopy(trained_model())
+    with torch.no_grad():
+        weaker.fc2.weight.copy_(weaker.fc2.weight.roll(1, dims=0))
+        weaker.fc2.bias.copy_(weaker.fc2.bias.roll(1))
+    again = deploy_to_edge(weaker, target_data(), devices=2, workdir=tmp_path)
+    assert again["deployed"] == 2 and again["artifact"]["version"] == 1
+    assert again["accuracy"] < report["accuracy"] - 0.5
+    assert again["artifact"]["sha256"] != artifact["sha256"]
+
 
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None or platform.machine() != "x86_64",
                     reason="emulating an x86-64 CPU without VNNI needs qemu-user (qemu-x86_64) on an x86-64 host")
@@ -112,3 +128,14 @@ def test_an_agent_on_an_emulated_cpu_without_vnni_serves_int8_at_full_accuracy(t
     int8 = (tmp_path / "registry" / "artifacts" / "v000001" / "int8.bin").read_bytes()
     assert emulated["accuracy"] == pytest.approx(accuracy(int8, x[shard], y[shard]), abs=1e-9)
     assert emulated["checks"]["int8"]["top1"] >= 0.95 and emulated["failures"] == 0
+
+
+def test_a_refused_deployment_says_which_device_refused_and_why(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(DeployError) as refused:
+        deploy_to_edge(collapsed(trained_model()), target_data(), devices=2, workdir=tmp_path, timeout_s=90.0)
+    assert time.monotonic() - started < 80  # the refusals end the wait; it does not run into the timeout
+    assert isinstance(refused.value, UserError)
+    assert "v1 was refused: edge-0: canary failed: collapsed" in refused.value.message
+    assert "edge-1: canary failed: collapsed" in refused.value.message
+    assert str(tmp_path / "agents") in refused.value.hint

@@ -156,8 +156,8 @@ def test_cli_status_lists_every_device_with_its_serving_version(running) -> None
     assert "latest v1, 2 device(s)" in result.output
     rows = {cells[0]: cells[1:] for line in result.output.splitlines()
             if (cells := [c.strip() for c in line.strip("│ ").split("│")])[0].startswith("cam-")}
-    assert rows["cam-7"][:7] == ["weak", "onnxruntime-cpu", "v1", "fp32", "int8,fp32", "pmaddubsw",
-                                 "int8: top-1 agreement 0.6"] and rows["cam-7"][7].endswith("s ago")
+    assert rows["cam-7"][:8] == ["weak", "onnxruntime-cpu", "v1", "fp32", "int8,fp32", "pmaddubsw", "-",
+                                 "int8: top-1 agreement 0.6"] and rows["cam-7"][8].endswith("s ago")
     assert rows["cam-8"][:4] == ["strong", "tensorrt", "-", "-"]
     status = fleet_status(address)
     assert [e.format for e in status.devices[0].recent_events] == ["int8"]  # cam-7's, kept by the registry

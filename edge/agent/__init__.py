@@ -45,6 +45,7 @@ from fedge.edge.artifacts import (
 from fedge.edge.capabilities import Capabilities, describe, detect, preferred_precisions
 from fedge.edge.runtime import Model, OnnxRuntimeModel, choose_runtime, load_model
 from fedge.edge.tls import open_channel
+from fedge.errors import UserError
 from fedge.protos import edge_pb2, edge_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -308,6 +309,9 @@ def _load_data(path: Path | None) -> tuple[np.ndarray | None, np.ndarray | None]
     if path is None:
         return None, None
     with np.load(path) as npz:
+        if "x" not in npz.files:
+            raise UserError(f"--data {path} has no array named x (it has {', '.join(npz.files) or 'none'})",
+                            "give an .npz with x (inputs) and optionally y (labels), e.g. `fedge export`'s samples.npz")
         x = np.asarray(npz["x"], dtype=np.float32)
         y = np.asarray(npz["y"], dtype=np.int64) if "y" in npz.files else None
     return x, y

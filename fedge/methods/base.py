@@ -23,7 +23,7 @@ from torch import nn
 from fedge.federated_model import build_federated_model, exchanged_state, load_exchanged_state
 from fedge.messages import ARRAYS_RECORD, METRICS_RECORD, SERVER_ROUND_KEY
 from fedge.registry import Registry
-from fedge.scenario import ClientData, Scenario
+from fedge.scenario import SCENARIOS, ClientData, Scenario
 from fedge.settings import ConfigSection, NoOptions, RunSettings
 from fedge.state import from_record
 from fedge.training import evaluate
@@ -157,6 +157,8 @@ def resolve(config: Mapping[str, Any]) -> RunSpec:
     unknown key inside a section is refused with the list of valid keys.
     """
     settings = RunSettings.from_config(config)
+    settings.validate()
+    SCENARIOS.get(settings.scenario)  # an unknown scenario is refused with the known ones
     method = get_method(settings.method)
     own = {k[len(method.name) + 1:]: v for k, v in config.items() if k.startswith(method.name + ".")}
     options = method.options.from_config(own)
