@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -11,9 +11,11 @@ from fedge.codecs.base import (
     CodecError,
     Encoded,
     TensorSpec,
-    assemble,
     flat_f32,
     fmt_float,
+    require_finite,
+    scatter_add,
+    spread,
     specs_of,
     to_fraction,
     to_int,
@@ -64,7 +66,8 @@ class FedZipCodec:
         write_positions(writer, indices)
         return Encoded(writer.payload(), specs, writer.sections)
 
-    def decode(self, payload: bytes, specs: list[TensorSpec]) -> OrderedDict[str, np.ndarray]:
+    def _parts(self, payload: bytes, specs: list[TensorSpec]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Centroids (one row per tensor), cluster ids and kept positions, checked against the specs."""
         reader = PayloadReader(payload)
         centroids = reader.array("centroids", "<f4", self.clusters * len(specs)).reshape(len(specs), self.clusters)
         ids_blob = reader.take("ids")
@@ -73,10 +76,19 @@ class FedZipCodec:
         ids = decode_symbols(ids_blob, sum(i.size for i in indices))
         if ids.size and ids.max() >= self.clusters:
             raise CodecError("a cluster id exceeds the number of clusters")
-        flats, start = [], 0
-        for row, spec, idx in zip(centroids, specs, indices, strict=True):
-            out = np.zeros(spec.size, np.float32)
-            out[idx] = row[ids[start:start + idx.size]]
-            start += idx.size
-            flats.append(out)
-        return assemble(specs, flats)
+        return centroids, ids, indices
+
+    def _values(self, centroids: np.ndarray, ids: np.ndarray, indices: list[np.ndarray]) -> np.ndarray:
+        """The kept values, tensor by tensor: each tensor's ids looked up in its own centroid row."""
+        row = np.repeat(np.arange(len(indices)), [i.size for i in indices])
+        return centroids[row, ids]
+
+    def decode(self, payload: bytes, specs: list[TensorSpec]) -> OrderedDict[str, np.ndarray]:
+        centroids, ids, indices = self._parts(payload, specs)
+        values = self._values(centroids, ids, indices)
+        return spread(specs, indices, values)
+
+    def accumulate(self, payload: bytes, specs: list[TensorSpec], into: Sequence[np.ndarray], weight: float) -> None:
+        centroids, ids, indices = self._parts(payload, specs)
+        require_finite(centroids, "fedzip centroids")
+        scatter_add(into, indices, self._values(centroids, ids, indices), weight)

@@ -8,11 +8,21 @@ positions through the shared entropy-coded gap stream.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedge.codecs.base import Encoded, TensorSpec, assemble, flat_f32, fmt_float, specs_of, to_fraction
+from fedge.codecs.base import (
+    Encoded,
+    TensorSpec,
+    flat_f32,
+    fmt_float,
+    require_finite,
+    scatter_add,
+    spread,
+    specs_of,
+    to_fraction,
+)
 from fedge.codecs.primitives.frame import PayloadReader, PayloadWriter
 from fedge.codecs.primitives.positions import read_positions, write_positions
 from fedge.codecs.primitives.select import keep_count, topk_indices
@@ -54,18 +64,21 @@ class FlascCodec:
         write_positions(writer, indices)
         return Encoded(writer.payload(), specs, writer.sections)
 
-    def decode(self, payload: bytes, specs: list[TensorSpec]) -> OrderedDict[str, np.ndarray]:
+    def _parts(self, payload: bytes, specs: list[TensorSpec]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The kept values (fp32, tensor by tensor) and positions, checked against the specs."""
         reader = PayloadReader(payload)
         values_blob = reader.take("values")
         indices = read_positions(reader, specs, overall=self.density)
         reader.finish()
-        code = _VALUE_DTYPES[self.value_dtype]
         total = sum(i.size for i in indices)
-        values = PayloadReader.as_array(values_blob, "values", code, total).astype(np.float32)
-        flats, start = [], 0
-        for spec, idx in zip(specs, indices, strict=True):
-            out = np.zeros(spec.size, np.float32)
-            out[idx] = values[start:start + idx.size]
-            start += idx.size
-            flats.append(out)
-        return assemble(specs, flats)
+        values = PayloadReader.as_array(values_blob, "values", _VALUE_DTYPES[self.value_dtype], total)
+        return values.astype(np.float32), indices
+
+    def decode(self, payload: bytes, specs: list[TensorSpec]) -> OrderedDict[str, np.ndarray]:
+        values, indices = self._parts(payload, specs)
+        return spread(specs, indices, values)
+
+    def accumulate(self, payload: bytes, specs: list[TensorSpec], into: Sequence[np.ndarray], weight: float) -> None:
+        values, indices = self._parts(payload, specs)
+        require_finite(values, "flasc values")
+        scatter_add(into, indices, values, weight)

@@ -10,11 +10,22 @@ which is the mean magnitude of the kept entries (d/ds ||x_S - s*sign(x_S)||^2 = 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedge.codecs.base import CodecError, Encoded, TensorSpec, assemble, flat_f32, fmt_float, specs_of, to_fraction
+from fedge.codecs.base import (
+    CodecError,
+    Encoded,
+    TensorSpec,
+    flat_f32,
+    fmt_float,
+    require_finite,
+    scatter_add,
+    spread,
+    specs_of,
+    to_fraction,
+)
 from fedge.codecs.primitives.entropy import decode_symbols, encode_symbols, shannon_bytes
 from fedge.codecs.primitives.frame import PayloadReader, PayloadWriter
 from fedge.codecs.primitives.positions import read_positions, write_positions
@@ -62,7 +73,8 @@ class TernaryCodec:
         write_positions(writer, indices)
         return Encoded(writer.payload(), specs, writer.sections)
 
-    def decode(self, payload: bytes, specs: list[TensorSpec]) -> OrderedDict[str, np.ndarray]:
+    def _parts(self, payload: bytes, specs: list[TensorSpec]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The kept values (+-scale, tensor by tensor) and positions, checked against the specs."""
         reader = PayloadReader(payload)
         scales = reader.array("scales", "<f4", len(specs)).astype(np.float32)
         signs_blob = reader.take("signs")
@@ -71,10 +83,14 @@ class TernaryCodec:
         signs = decode_symbols(signs_blob, sum(i.size for i in indices))
         if signs.size and signs.max() > 1:
             raise CodecError("a sign symbol is neither 0 nor 1")
-        flats, start = [], 0
-        for s, spec, idx in zip(scales, specs, indices, strict=True):
-            out = np.zeros(spec.size, np.float32)
-            out[idx] = np.where(signs[start:start + idx.size] > 0, s, -s)
-            start += idx.size
-            flats.append(out)
-        return assemble(specs, flats)
+        require_finite(scales, "ternary scales")
+        magnitude = np.repeat(scales, [i.size for i in indices])
+        return np.where(signs > 0, magnitude, -magnitude), indices
+
+    def decode(self, payload: bytes, specs: list[TensorSpec]) -> OrderedDict[str, np.ndarray]:
+        values, indices = self._parts(payload, specs)
+        return spread(specs, indices, values)
+
+    def accumulate(self, payload: bytes, specs: list[TensorSpec], into: Sequence[np.ndarray], weight: float) -> None:
+        values, indices = self._parts(payload, specs)
+        scatter_add(into, indices, values, weight)
