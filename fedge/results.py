@@ -78,6 +78,122 @@ def record_method(
     return write_results(out_dir, results)
 
 
+# ---- several seeds: per-seed finals, mean and 95% interval, the comparison with the reference method ---------------
+
+#: final figures summarized over seeds (perplexity only where the scenario reports it)
+SUMMARY_FIELDS = ("accuracy", "personalized_accuracy", "bottom_decile_accuracy", "perplexity", "uplink_bytes",
+                  "downlink_bytes")
+#: figures a comparison judges, and whether more is better
+COMPARED = {"accuracy": True, "personalized_accuracy": True, "bottom_decile_accuracy": True, "perplexity": False}
+
+
+def mean_ci95(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and the half-width of its 95% confidence interval: Student's t over the n values (none for one value)."""
+    from scipy import stats
+
+    n = len(values)
+    mean = math.fsum(values) / n
+    if n < 2:
+        return {"mean": mean, "ci95": None, "std": None, "n": n}
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    return {"mean": mean, "ci95": float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n), "std": std, "n": n}
+
+
+def summarize(finals: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean and 95% interval of each SUMMARY_FIELDS figure that every final has."""
+    return {f: mean_ci95([float(x[f]) for x in finals]) for f in SUMMARY_FIELDS if finals and all(f in x for x in finals)}
+
+
+def _mean_rows(runs: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Round by round over seeds: the mean of each number, and the 95% interval of the accuracies."""
+    rows = []
+    for same_round in zip(*runs, strict=False):
+        row: dict[str, Any] = {}
+        for key, value in same_round[0].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and all(key in r for r in same_round):
+                stats = mean_ci95([float(r[key]) for r in same_round])
+                row[key] = stats["mean"]
+                if key in COMPARED:
+                    row[f"{key}_ci95"] = stats["ci95"]
+        row["round"] = same_round[0]["round"]
+        rows.append(row)
+    return rows
+
+
+def combine_seeds(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One results.json from several seeds' (each a whole single-seed results.json).
+
+    `methods.NAME.seeds` holds each seed's final figures, `methods.NAME.summary` their mean and 95% interval,
+    `final` and `rounds` the means (so readers of a single seed's shape still work), `description` what the
+    method is; `base` the base model's accuracy over seeds.
+    """
+    seeds = list(per_seed)
+    first = per_seed[seeds[0]]
+    methods: dict[str, Any] = {}
+    for name, entry in first.get("methods", {}).items():
+        ran = [s for s in seeds if name in per_seed[s].get("methods", {})]
+        finals = [per_seed[s]["methods"][name]["final"] for s in ran]
+        numbers = [k for k, v in finals[0].items() if isinstance(v, (int, float)) and all(k in f for f in finals)]
+        methods[name] = {
+            "description": entry.get("summary", ""),
+            "summary": summarize(finals),
+            "seeds": {str(s): f for s, f in zip(ran, finals, strict=True)},
+            "final": {k: mean_ci95([float(f[k]) for f in finals])["mean"] for k in numbers},
+            "rounds": _mean_rows([per_seed[s]["methods"][name].get("rounds", []) for s in ran]),
+        }
+    base = {str(s): per_seed[s].get("base", {}).get("accuracy") for s in seeds}
+    known = [v for v in base.values() if v is not None]
+    base_stats = mean_ci95(known) if known else {"mean": None, "ci95": None}
+    return {"scenario": first.get("scenario", {}),
+            "base": {"accuracy": base_stats["mean"], "ci95": base_stats["ci95"], "seeds": base},
+            "methods": methods}
+
+
+def figure(entry: dict[str, Any], field: str) -> dict[str, Any] | None:
+    """A method's final figure as mean and interval: its summary over seeds, else its one final value."""
+    if isinstance(entry.get("summary"), dict) and field in entry["summary"]:
+        return dict(entry["summary"][field])
+    if field in entry.get("final", {}):
+        return mean_ci95([float(entry["final"][field])])
+    return None
+
+
+def verdict(ours: dict[str, Any], reference: dict[str, Any], higher_is_better: bool = True) -> str:
+    """`within noise` when the two 95% intervals overlap, else `better` or `worse`; without intervals, say so."""
+    if ours["ci95"] is None or reference["ci95"] is None:
+        return "no interval (one seed)"
+    if abs(ours["mean"] - reference["mean"]) <= ours["ci95"] + reference["ci95"]:
+        return "within noise"
+    return "better" if (ours["mean"] > reference["mean"]) == higher_is_better else "worse"
+
+
+def compare_to_reference(results: dict[str, Any]) -> dict[str, Any]:
+    """Each method against the first one: differences of the compared figures with a verdict, and how many times
+    fewer bytes (uplink plus downlink) it moved."""
+    methods = results.get("methods", {})
+    if not methods:
+        return {}
+    reference = next(iter(methods))
+    ref = methods[reference]
+    out: dict[str, Any] = {"reference": reference, "methods": {}}
+    for name, entry in methods.items():
+        if name == reference:
+            continue
+        row: dict[str, Any] = {}
+        for field, higher in COMPARED.items():
+            ours, theirs = figure(entry, field), figure(ref, field)
+            if ours is not None and theirs is not None:
+                row[field] = {"difference": ours["mean"] - theirs["mean"], "verdict": verdict(ours, theirs, higher)}
+        ours_total = entry["final"]["uplink_bytes"] + entry["final"]["downlink_bytes"]
+        ref_total = ref["final"]["uplink_bytes"] + ref["final"]["downlink_bytes"]
+        row["total_bytes_ratio"] = ref_total / ours_total if ours_total else None
+        out["methods"][name] = row
+    return out
+
+
+# ---- the plot ---------------------------------------------------------------------------------------------------
+
+
 @dataclass
 class PlotSeries:
     method: str
@@ -85,20 +201,36 @@ class PlotSeries:
     uplink_mb: list[float]
     accuracy: list[float]
     personalized: bool = False
+    #: 95% interval half-widths over seeds (None: one seed)
+    errors: list[float] | None = None
+    #: cumulative uplink plus downlink
+    total_mb: list[float] | None = None
 
 
 def accuracy_series(results: dict[str, Any]) -> list[PlotSeries]:
-    """Per method: accuracy against cumulative uplink, from the base model on; a personalized method also
-    gets its personalized accuracy (where it differs from the global model's)."""
-    start = results.get("base", {}).get("accuracy", float("nan"))
+    """Per method: accuracy against cumulative uplink (and uplink plus downlink), from the base model on; a
+    personalized method also gets its personalized accuracy (where it differs from the global model's). Over
+    several seeds the points are means and carry their 95% intervals."""
+    base = results.get("base", {})
+    start = base.get("accuracy", float("nan"))
     series = []
     for name, entry in results.get("methods", {}).items():
         rounds = entry.get("rounds", [])
         xs = [0.0, *(b / 1e6 for b in itertools.accumulate(r["uplink_bytes"] for r in rounds))]
-        series.append(PlotSeries(name, name, xs, [start, *(r["accuracy"] for r in rounds)]))
+        totals = [0.0, *(b / 1e6 for b in itertools.accumulate(r["uplink_bytes"] + r.get("downlink_bytes", 0)
+                                                                   for r in rounds))]
+
+        def errors(key: str, rounds: list[dict[str, Any]] = rounds) -> list[float] | None:
+            if not rounds or rounds[0].get(f"{key}_ci95") is None:
+                return None
+            return [base.get("ci95") or 0.0, *(r[f"{key}_ci95"] or 0.0 for r in rounds)]
+
+        series.append(PlotSeries(name, name, xs, [start, *(r["accuracy"] for r in rounds)],
+                                 errors=errors("accuracy"), total_mb=totals))
         personal = [r.get("personalized_accuracy", r["accuracy"]) for r in rounds]
         if any(p != r["accuracy"] for p, r in zip(personal, rounds, strict=True)):
-            series.append(PlotSeries(name, f"{name} (personalized)", xs, [start, *personal], personalized=True))
+            series.append(PlotSeries(name, f"{name} (personalized)", xs, [start, *personal], personalized=True,
+                                     errors=errors("personalized_accuracy"), total_mb=totals))
     return series
 
 
@@ -108,27 +240,31 @@ def plot_accuracy_vs_uplink(results: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     series = accuracy_series(results)
-    colors: dict[str, str] = {}
-    for line in series:  # a personalized line takes its method's colour, dashed
-        if line.personalized:
-            ax.plot(line.uplink_mb, line.accuracy, marker="s", linestyle="--", color=colors.get(line.method),
-                    label=line.label)
-        else:
-            (drawn,) = ax.plot(line.uplink_mb, line.accuracy, marker="o", label=line.label)
-            colors[line.method] = drawn.get_color()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    seeds = results.get("run", {}).get("seeds") or []
+    for ax, total in zip(axes, (False, True), strict=True):
+        colors: dict[str, str] = {}
+        for line in series:  # a personalized line takes its method's colour, dashed
+            xs = line.total_mb if total and line.total_mb is not None else line.uplink_mb
+            style = {"marker": "s", "linestyle": "--", "color": colors.get(line.method)} if line.personalized \
+                else {"marker": "o"}
+            drawn = ax.errorbar(xs, line.accuracy, yerr=line.errors, capsize=3 if line.errors else 0,
+                                label=line.label, **style)
+            if not line.personalized:
+                colors[line.method] = drawn.lines[0].get_color()
+        base = results.get("base", {}).get("accuracy")
+        if base is not None:
+            ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="base model")
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.set_xlim(left=0)
+        ax.set_xlabel("cumulative uplink + downlink (MB, wire bytes)" if total else "cumulative uplink (MB, wire bytes)")
+        ax.grid(alpha=0.3)
     personalized_methods = any(line.personalized for line in series)
-    base = results.get("base", {}).get("accuracy")
-    if base is not None:
-        ax.axhline(base, color="grey", linestyle="--", linewidth=1, label="base model")
-    ax.set_xscale("symlog", linthresh=0.01)
-    ax.set_xlim(left=0)
-    ax.set_xlabel("cumulative uplink (MB, wire bytes)")
-    ax.set_ylabel("accuracy (target domain)" if personalized_methods else "global accuracy (target domain)")
-    ax.set_title(f"{results.get('scenario', {}).get('name', '')}: accuracy vs uplink")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    axes[0].set_ylabel("accuracy (target domain)" if personalized_methods else "global accuracy (target domain)")
+    over = f" (mean and 95% interval over {len(seeds)} seeds)" if len(seeds) > 1 else ""
+    fig.suptitle(f"{results.get('scenario', {}).get('name', '')}: accuracy vs bytes{over}")
+    axes[1].legend(fontsize="small")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -149,17 +285,37 @@ def round_table(name: str, rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _with_interval(stats: dict[str, Any] | None, scale: float = 1.0, digits: int = 4) -> str:
+    if stats is None:
+        return "-"
+    text = f"{stats['mean'] * scale:.{digits}f}"
+    return text if stats["ci95"] is None else f"{text} ± {stats['ci95'] * scale:.{digits}f}"
+
+
 def final_table(results: dict[str, Any]) -> Table:
+    """The final comparison: figures with their 95% interval over seeds, and each method against the first."""
     base = results["base"]["accuracy"]
-    table = Table(title=f"final (base model accuracy {base:.4f})", title_justify="left")
-    for col in ("method", "accuracy", "vs base", "personalized", "bottom decile", "uplink MB", "downlink MB",
-                "trainable", "seconds"):
+    seeds = results.get("run", {}).get("seeds") or []
+    over = f", mean ± 95% interval over {len(seeds)} seeds" if len(seeds) > 1 else ""
+    comparison = compare_to_reference(results)
+    reference = comparison.get("reference", "")
+    table = Table(title=f"final (base model accuracy {base:.4f}{over})", title_justify="left")
+    for col in ("method", "accuracy", "vs base", f"vs {reference}", "personalized", "bottom decile", "uplink MB",
+                "downlink MB", "total vs ref", "trainable", "seconds"):
         table.add_column(col, justify="right")
     for name, entry in results["methods"].items():
         f = entry["final"]
-        table.add_row(name, f"{f['accuracy']:.4f}", f"{100 * (f['accuracy'] - base):+.1f} pt",
-                      f"{f['personalized_accuracy']:.4f}", f"{f['bottom_decile_accuracy']:.4f}",
+        versus = comparison.get("methods", {}).get(name, {})
+        acc = versus.get("accuracy")
+        ratio = versus.get("total_bytes_ratio")
+        table.add_row(name, _with_interval(figure(entry, "accuracy")), f"{100 * (f['accuracy'] - base):+.1f} pt",
+                      "reference" if name == reference else
+                      (f"{100 * acc['difference']:+.1f} pt {acc['verdict']}" if acc else "-"),
+                      _with_interval(figure(entry, "personalized_accuracy")),
+                      _with_interval(figure(entry, "bottom_decile_accuracy")),
                       f"{f['uplink_bytes'] / 1e6:.3f}", f"{f['downlink_bytes'] / 1e6:.3f}",
+                      "" if name == reference or ratio is None else f"{ratio:.1f}x fewer" if ratio >= 1
+                      else f"{1 / ratio:.1f}x more",
                       f"{f['trainable_params']:,} ({100 * f['trainable_params'] / f['total_params']:.1f}%)",
                       f"{f['seconds']:.1f}")
     return table
