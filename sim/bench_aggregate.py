@@ -31,7 +31,6 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 FLOWER = "flower-fedavg"
@@ -105,7 +104,7 @@ def measure(path: str, clients: int, params: int, *, rounds: int, distinct: int,
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     tracemalloc.reset_peak()
-    arrays, _ = strategy.aggregate_train(1, _replies(path, clients, payloads, weights))
+    strategy.aggregate_train(1, _replies(path, clients, payloads, weights))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return {"path": path, "clients": clients, "params": params, "rounds": rounds, "reply_bytes": envelope_bytes,
@@ -185,7 +184,7 @@ def main() -> None:
     """Child process: one measurement, printed as one JSON line."""
     job = json.loads(sys.argv[1])
     try:
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     except (AttributeError, OSError):
         pass  # not Linux: the thread caps still hold
     print(json.dumps(measure(job["path"], job["clients"], job["params"], rounds=job["rounds"],

@@ -93,7 +93,15 @@ def run(
 ) -> None:
     """Run federations of the given methods on a scenario, with Flower's simulation runtime, then deploy to the edge."""
     from fedge.methods import available_methods
-    from fedge.results import PLOT_FILE, RESULTS_FILE, combine_seeds, final_table, load_results, plot_accuracy_vs_uplink, write_results
+    from fedge.results import (
+        PLOT_FILE,
+        RESULTS_FILE,
+        combine_seeds,
+        final_table,
+        load_results,
+        plot_accuracy_vs_uplink,
+        write_results,
+    )
     from fedge.sim.resources import PeakMemory
 
     names = [m.strip() for m in methods.split(",") if m.strip()]

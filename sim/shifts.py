@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
-
 #: how far one take of a camera's angle strays from its mounting angle
 ROTATION_JITTER_DEG = 4.0
 

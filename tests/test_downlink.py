@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from fedge.codecs import build_codec
 from fedge.messages import ARRAYS_RECORD, CATCH_UP_RECORD, DOWNLINK_RECORD, message_wire_bytes
 from fedge.methods import resolve
-from fedge.methods.downlink import WHOLE, DownloadError, Downlink, downlink_codec, rebuild
+from fedge.methods.downlink import WHOLE, Downlink, DownloadError, downlink_codec, rebuild
 from fedge.state import add, digest, to_record
 
 MAX = 1 << 20
@@ -45,7 +45,7 @@ class Server:
         self.round += 1
         step = OrderedDict((k, self.rng.normal(scale=0.1, size=v.shape).astype(np.float32))
                            for k, v in self.initial.items())
-        self.global_state = add(self.downlink.reference, step)  # the server steps from the reference
+        self.global_state = add(self.global_state, step)  # the server steps the dense global model
         self.downlink.advance(self.round, self.global_state)
 
     def send(self, node: int) -> Message:
@@ -143,6 +143,18 @@ def test_a_node_whose_model_differs_refuses_the_round() -> None:
         rebuild(server.send(4), _context(4), other, MAX)
 
 
+def test_what_a_download_leaves_out_is_sent_in_later_rounds() -> None:
+    """Server-side error feedback: with the global model standing still, the reference nodes hold converges to it."""
+    server = Server()
+    server.next_round()
+    gaps = []
+    for r in range(2, 12):
+        server.downlink.advance(r, server.global_state)
+        gaps.append(sum(float(np.linalg.norm(v)) for v in server.downlink.pending.values()))
+    assert gaps[0] > 0
+    assert gaps[-1] < 0.05 * gaps[0], gaps
+
+
 def test_a_resent_round_reuses_its_version() -> None:
     server = Server()
     server.next_round()
@@ -190,3 +202,26 @@ def test_a_sampled_federation_with_coded_downloads_catches_nodes_up(tmp_path) ->
     dense_model = 4 * entry["final"]["trainable_params"]
     assert all(r["downlink_bytes"] < 2 * dense_model / 3 for r in rows)
     assert outcome.final["accuracy"] > outcome.base.accuracy
+
+
+def test_a_state_averaging_strategy_steps_the_global_model_not_the_reference() -> None:
+    """Flower's FedAvg averages the clients' states (reference + update); the global model keeps what the
+    reference still lacked, and every sender is noted as holding the current version."""
+    from flwr.app import MetricRecord
+
+    from fedge.messages import METRICS_RECORD
+    from fedge.methods.plain import CodedFedAvg
+    from fedge.state import from_record
+
+    server = Server()
+    server.next_round()
+    strategy = CodedFedAvg(downlink=server.downlink)
+    reference = server.downlink.reference
+    states = [OrderedDict((k, v + i) for k, v in reference.items()) for i in (1.0, 3.0)]
+    replies = [Message(RecordDict({ARRAYS_RECORD: to_record(s), METRICS_RECORD: MetricRecord({"num-examples": 5})}),
+                       reply_to=server.send(node)) for node, s in ((21, states[0]), (22, states[1]))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    new = from_record(arrays)
+    for k, v in server.global_state.items():
+        np.testing.assert_allclose(new[k], v + 2.0, rtol=1e-6, atol=1e-6)
+    assert server.downlink.held == {21: 1, 22: 1}

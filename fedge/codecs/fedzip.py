@@ -15,8 +15,8 @@ from fedge.codecs.base import (
     fmt_float,
     require_finite,
     scatter_add,
-    spread,
     specs_of,
+    spread,
     to_fraction,
     to_int,
 )

@@ -19,8 +19,8 @@ from fedge.codecs.base import (
     fmt_float,
     require_finite,
     scatter_add,
-    spread,
     specs_of,
+    spread,
     to_fraction,
 )
 from fedge.codecs.primitives.frame import PayloadReader, PayloadWriter

@@ -22,8 +22,8 @@ from fedge.codecs.base import (
     fmt_float,
     require_finite,
     scatter_add,
-    spread,
     specs_of,
+    spread,
     to_fraction,
 )
 from fedge.codecs.primitives.entropy import decode_symbols, encode_symbols, shannon_bytes

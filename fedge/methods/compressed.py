@@ -26,8 +26,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from fedge.codecs import Codec, build_codec
 from fedge.aggregation import StreamingMean
+from fedge.codecs import Codec, build_codec
 from fedge.envelope import EnvelopeError, encode_update
 from fedge.messages import METRICS_RECORD, UPDATE_RECORD, envelope_bytes, envelope_record, scalar
 from fedge.methods.base import Job, Method, RunSpec, register_method, sampling
@@ -136,12 +136,13 @@ def train_compressed(job: Job, msg: Message, context: Context, *, codec: str) ->
 
 class CompressedFedAvg(CodedDownloads, FedAvg):
     """FedAvg of decoded updates, streamed: each envelope is validated and folded into a running sum
-    (`fedge.aggregation.StreamingMean`); downloads coded when the run says so."""
+    (`fedge.aggregation.StreamingMean`); downloads coded when the run says so (`fedge.methods.downlink`)."""
 
     def __init__(self, *, max_update_bytes: int, downlink: Downlink | None = None, **sampling_args: float) -> None:
         super().__init__(downlink=downlink, **sampling_args)
         self.max_update_bytes = max_update_bytes
-        #: the model this round's clients start from (what the mean update is added to)
+        #: the model this round steps from (the mean update is added to it): the global model sent, or with
+        #: coded downloads the global model whose reference the clients trained from (FLASC: its sparse download)
         self.round_start: OrderedDict[str, np.ndarray] | None = None
         self.rejected: list[dict[str, object]] = []
 
@@ -149,9 +150,6 @@ class CompressedFedAvg(CodedDownloads, FedAvg):
                         grid: Grid) -> Iterable[Message]:
         self.round_start = from_record(arrays)
         return super().configure_train(server_round, arrays, config, grid)
-
-    def starts_from(self, reference: OrderedDict[str, np.ndarray]) -> None:
-        self.round_start = reference
 
     def _weight(self, reply: Message) -> float:
         return scalar(reply.content.metric_records[METRICS_RECORD]["num-examples"])
@@ -179,11 +177,7 @@ class CompressedFedAvg(CodedDownloads, FedAvg):
         mean = running.mean()
         if mean is None:
             return None, metrics
-        new = self.apply(self.round_start, mean)
-        import os  # EXPERIMENT
-        if self.downlink is not None and os.environ.get("FEDGE_DOWNLINK_CARRY") == "1":
-            new = add(new, self.downlink.leftover)
-        return to_record(new), metrics
+        return to_record(self.apply(self.round_start, mean)), metrics
 
     def apply(self, current: OrderedDict[str, np.ndarray],
               mean_update: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
