@@ -316,6 +316,6 @@ def final_table(results: dict[str, Any]) -> Table:
                       f"{f['uplink_bytes'] / 1e6:.3f}", f"{f['downlink_bytes'] / 1e6:.3f}",
                       "" if name == reference or ratio is None else f"{ratio:.1f}x fewer" if ratio >= 1
                       else f"{1 / ratio:.1f}x more",
-                      f"{f['trainable_params']:,} ({100 * f['trainable_params'] / f['total_params']:.1f}%)",
+                      f"{round(f['trainable_params']):,} ({100 * f['trainable_params'] / f['total_params']:.1f}%)",
                       f"{f['seconds']:.1f}")
     return table
