@@ -168,3 +168,24 @@ def spread(specs: list[TensorSpec], indices: Sequence[np.ndarray], values: np.nd
     flats = [np.zeros(spec.size, np.float32) for spec in specs]
     scatter_add(flats, indices, values, 1.0)
     return assemble(specs, flats)
+
+
+class SparseDecoding:
+    """Decoding shared by codecs whose payload is kept values at kept positions (fedzip, flasc, ternary).
+
+    A codec gives `kept(payload, specs)`: the kept values, tensor by tensor, and each tensor's kept indices,
+    checked against the specs. Decoding spreads them into zeros; accumulating adds them to a running sum in
+    place, after checking they are finite.
+    """
+
+    def kept(self, payload: bytes, specs: list[TensorSpec]) -> tuple[np.ndarray, list[np.ndarray]]:
+        raise NotImplementedError
+
+    def decode(self, payload: bytes, specs: list[TensorSpec]) -> OrderedDict[str, np.ndarray]:
+        values, indices = self.kept(payload, specs)
+        return spread(specs, indices, values)
+
+    def accumulate(self, payload: bytes, specs: list[TensorSpec], into: Sequence[np.ndarray], weight: float) -> None:
+        values, indices = self.kept(payload, specs)
+        require_finite(values, f"{getattr(self, 'name', 'sparse')} values")
+        scatter_add(into, indices, values, weight)

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 
 from fedge.codecs.base import (
     CodecError,
     Encoded,
+    SparseDecoding,
     TensorSpec,
     flat_f32,
     fmt_float,
-    require_finite,
-    scatter_add,
     specs_of,
-    spread,
     to_fraction,
     to_int,
 )
@@ -29,7 +26,7 @@ from fedge.codecs.registry import register_codec
 
 
 @register_codec
-class FedZipCodec:
+class FedZipCodec(SparseDecoding):
     """Payload sections: counts, centroids (fp32, `clusters` per tensor), cluster ids, positions.
 
     The paper codes ids and addresses with Huffman; here both go through an
@@ -66,8 +63,8 @@ class FedZipCodec:
         write_positions(writer, indices)
         return Encoded(writer.payload(), specs, writer.sections)
 
-    def _parts(self, payload: bytes, specs: list[TensorSpec]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """Centroids (one row per tensor), cluster ids and kept positions, checked against the specs."""
+    def kept(self, payload: bytes, specs: list[TensorSpec]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Each tensor's cluster ids looked up in its own centroid row, at its kept positions."""
         reader = PayloadReader(payload)
         centroids = reader.array("centroids", "<f4", self.clusters * len(specs)).reshape(len(specs), self.clusters)
         ids_blob = reader.take("ids")
@@ -76,19 +73,5 @@ class FedZipCodec:
         ids = decode_symbols(ids_blob, sum(i.size for i in indices))
         if ids.size and ids.max() >= self.clusters:
             raise CodecError("a cluster id exceeds the number of clusters")
-        return centroids, ids, indices
-
-    def _values(self, centroids: np.ndarray, ids: np.ndarray, indices: list[np.ndarray]) -> np.ndarray:
-        """The kept values, tensor by tensor: each tensor's ids looked up in its own centroid row."""
         row = np.repeat(np.arange(len(indices)), [i.size for i in indices])
-        return centroids[row, ids]
-
-    def decode(self, payload: bytes, specs: list[TensorSpec]) -> OrderedDict[str, np.ndarray]:
-        centroids, ids, indices = self._parts(payload, specs)
-        values = self._values(centroids, ids, indices)
-        return spread(specs, indices, values)
-
-    def accumulate(self, payload: bytes, specs: list[TensorSpec], into: Sequence[np.ndarray], weight: float) -> None:
-        centroids, ids, indices = self._parts(payload, specs)
-        require_finite(centroids, "fedzip centroids")
-        scatter_add(into, indices, self._values(centroids, ids, indices), weight)
+        return centroids[row, ids], indices

@@ -7,22 +7,11 @@ positions through the shared entropy-coded gap stream.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 
-from fedge.codecs.base import (
-    Encoded,
-    TensorSpec,
-    flat_f32,
-    fmt_float,
-    require_finite,
-    scatter_add,
-    specs_of,
-    spread,
-    to_fraction,
-)
+from fedge.codecs.base import Encoded, SparseDecoding, TensorSpec, flat_f32, fmt_float, specs_of, to_fraction
 from fedge.codecs.primitives.frame import PayloadReader, PayloadWriter
 from fedge.codecs.primitives.positions import read_positions, write_positions
 from fedge.codecs.primitives.select import keep_count, topk_indices
@@ -32,7 +21,7 @@ _VALUE_DTYPES = {"float32": "<f4", "float16": "<f2"}
 
 
 @register_codec
-class FlascCodec:
+class FlascCodec(SparseDecoding):
     """Payload sections: values (all kept entries, tensor by tensor), counts, positions.
 
     `density` is the paper's d (the fraction of all adapter entries sent); the
@@ -64,8 +53,7 @@ class FlascCodec:
         write_positions(writer, indices)
         return Encoded(writer.payload(), specs, writer.sections)
 
-    def _parts(self, payload: bytes, specs: list[TensorSpec]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The kept values (fp32, tensor by tensor) and positions, checked against the specs."""
+    def kept(self, payload: bytes, specs: list[TensorSpec]) -> tuple[np.ndarray, list[np.ndarray]]:
         reader = PayloadReader(payload)
         values_blob = reader.take("values")
         indices = read_positions(reader, specs, overall=self.density)
@@ -73,12 +61,3 @@ class FlascCodec:
         total = sum(i.size for i in indices)
         values = PayloadReader.as_array(values_blob, "values", _VALUE_DTYPES[self.value_dtype], total)
         return values.astype(np.float32), indices
-
-    def decode(self, payload: bytes, specs: list[TensorSpec]) -> OrderedDict[str, np.ndarray]:
-        values, indices = self._parts(payload, specs)
-        return spread(specs, indices, values)
-
-    def accumulate(self, payload: bytes, specs: list[TensorSpec], into: Sequence[np.ndarray], weight: float) -> None:
-        values, indices = self._parts(payload, specs)
-        require_finite(values, "flasc values")
-        scatter_add(into, indices, values, weight)

@@ -9,21 +9,18 @@ which is the mean magnitude of the kept entries (d/ds ||x_S - s*sign(x_S)||^2 = 
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 
 from fedge.codecs.base import (
     CodecError,
     Encoded,
+    SparseDecoding,
     TensorSpec,
     flat_f32,
     fmt_float,
-    require_finite,
-    scatter_add,
     specs_of,
-    spread,
     to_fraction,
 )
 from fedge.codecs.primitives.entropy import decode_symbols, encode_symbols, shannon_bytes
@@ -36,7 +33,7 @@ _SCALE_RULES = ("l2", "std")
 
 
 @register_codec
-class TernaryCodec:
+class TernaryCodec(SparseDecoding):
     """Payload sections: scales (fp32 per tensor), signs (entropy-coded bits), counts, positions."""
 
     name = "ternary"
@@ -73,8 +70,8 @@ class TernaryCodec:
         write_positions(writer, indices)
         return Encoded(writer.payload(), specs, writer.sections)
 
-    def _parts(self, payload: bytes, specs: list[TensorSpec]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The kept values (+-scale, tensor by tensor) and positions, checked against the specs."""
+    def kept(self, payload: bytes, specs: list[TensorSpec]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """+-scale of each tensor at its kept positions."""
         reader = PayloadReader(payload)
         scales = reader.array("scales", "<f4", len(specs)).astype(np.float32)
         signs_blob = reader.take("signs")
@@ -83,14 +80,5 @@ class TernaryCodec:
         signs = decode_symbols(signs_blob, sum(i.size for i in indices))
         if signs.size and signs.max() > 1:
             raise CodecError("a sign symbol is neither 0 nor 1")
-        require_finite(scales, "ternary scales")
         magnitude = np.repeat(scales, [i.size for i in indices])
         return np.where(signs > 0, magnitude, -magnitude), indices
-
-    def decode(self, payload: bytes, specs: list[TensorSpec]) -> OrderedDict[str, np.ndarray]:
-        values, indices = self._parts(payload, specs)
-        return spread(specs, indices, values)
-
-    def accumulate(self, payload: bytes, specs: list[TensorSpec], into: Sequence[np.ndarray], weight: float) -> None:
-        values, indices = self._parts(payload, specs)
-        scatter_add(into, indices, values, weight)
