@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, Context, Message
 from fedge.client.node_data import load_node_data, node_tier
 from fedge.messages import CONFIG_RECORD, SERVER_ROUND_KEY
 from fedge.methods import Job, RunSpec, resolve
+from fedge.methods.downlink import receive_global
 from fedge.scenario import ClientData, load_scenario
 from fedge.settings import RunSettings
 from fedge.tiers import tier_for
@@ -60,7 +61,7 @@ def prepare_job(msg: Message, context: Context) -> Job:
     scenario = load_scenario(settings.scenario, **settings.scenario_options())
     data = node_data(context, settings)
     model = method.build_model(scenario, settings)
-    global_state = method.receive(msg, method.exchanged_state(model), spec)
+    global_state = receive_global(msg, context, method, spec, method.exchanged_state(model))
     method.load_state(model, global_state)
     server_round = int(msg.content.config_records.get(CONFIG_RECORD, ConfigRecord()).get(SERVER_ROUND_KEY, 0))
     return Job(spec, pid, data, scenario, model, global_state, server_round, resolve_device(settings.device))

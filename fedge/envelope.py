@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,7 @@ from google.protobuf.message import DecodeError
 
 from fedge.codecs import Codec, TensorSpec, available_codecs, build_codec, specs_of
 from fedge.codecs import known_codecs as registry_codecs
-from fedge.codecs.base import SUPPORTED_DTYPES
+from fedge.codecs.base import SUPPORTED_DTYPES, Accumulating, NonFiniteError
 from fedge.protos import envelope_pb2
 
 ENVELOPE_FORMAT = 1
@@ -144,20 +145,9 @@ def _check_expected(specs: list[TensorSpec], expected: Expected) -> None:
                                                  f"expected {tuple(shape)} {dtype}")
 
 
-def decode_update(
-    data: bytes,
-    expected: Expected | None,
-    max_bytes: int,
-    known_codecs: Mapping[str, int] | None = None,
-    *,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
-) -> OrderedDict[str, np.ndarray]:
-    """Validate and decode an envelope; raise `EnvelopeError` for anything the receiver should not trust.
-
-    `expected` maps each tensor name to (shape, dtype) as the receiver holds it;
-    the result follows its order. `known_codecs` maps codec names to the one
-    version accepted (default: every codec this build has).
-    """
+def _checked(data: bytes, expected: Expected | None, max_bytes: int, known_codecs: Mapping[str, int] | None,
+             max_elements: int) -> tuple[Codec, bytes, list[TensorSpec]]:
+    """Everything a receiver checks before it lets a codec read the payload; the codec, payload and specs."""
     msg, info = _open(data, max_bytes)
     accepted = registry_codecs() if known_codecs is None else known_codecs
     if info.codec not in accepted:
@@ -178,15 +168,72 @@ def decode_update(
         raise EnvelopeError("bad-params", str(err)) from err
     if codec.version != info.codec_version:
         raise EnvelopeError("codec-version", f"this build's {info.codec!r} is version {codec.version}")
+    return codec, msg.payload, specs
+
+
+@contextmanager
+def _reading(codec: Codec) -> Iterator[None]:
+    """A codec's failures as envelope errors: non-finite values, or a payload that does not decode."""
     try:
-        decoded = codec.decode(msg.payload, specs)
+        yield
+    except NonFiniteError as err:
+        raise EnvelopeError("non-finite", str(err)) from err
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # any failure inside a codec (native panics included) is a bad payload
-        raise EnvelopeError("bad-payload", f"{info.codec} payload does not decode to its specs: {err}") from err
-    for name, arr in decoded.items():
+        raise EnvelopeError("bad-payload", f"{codec.name} payload does not decode to its specs: {err}") from err
+
+
+def _require_finite(update: Mapping[str, np.ndarray]) -> None:
+    for name, arr in update.items():
         if not np.isfinite(arr).all():
             raise EnvelopeError("non-finite", f"tensor {name!r} decodes to NaN or infinite values")
+
+
+def decode_update(
+    data: bytes,
+    expected: Expected | None,
+    max_bytes: int,
+    known_codecs: Mapping[str, int] | None = None,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> OrderedDict[str, np.ndarray]:
+    """Validate and decode an envelope; raise `EnvelopeError` for anything the receiver should not trust.
+
+    `expected` maps each tensor name to (shape, dtype) as the receiver holds it;
+    the result follows its order. `known_codecs` maps codec names to the one
+    version accepted (default: every codec this build has).
+    """
+    codec, payload, specs = _checked(data, expected, max_bytes, known_codecs, max_elements)
+    with _reading(codec):
+        decoded = codec.decode(payload, specs)
+    _require_finite(decoded)
     if expected is not None:
         decoded = OrderedDict((name, decoded[name]) for name in expected)
     return decoded
+
+
+def accumulate_update(
+    data: bytes,
+    expected: Expected,
+    max_bytes: int,
+    into: Mapping[str, np.ndarray],
+    weight: float,
+    known_codecs: Mapping[str, int] | None = None,
+) -> None:
+    """Validate an envelope and add `weight` times its update to `into` (a flat float64 vector per tensor name).
+
+    The same checks as `decode_update`; a codec that can (`codecs.base.Accumulating`) adds its payload
+    without building the dense update. A refused envelope leaves `into` untouched.
+    """
+    codec, payload, specs = _checked(data, expected, max_bytes, known_codecs, DEFAULT_MAX_ELEMENTS)
+    targets = [into[s.name] for s in specs]
+    if isinstance(codec, Accumulating):
+        with _reading(codec):
+            codec.accumulate(payload, specs, targets, weight)
+        return
+    with _reading(codec):
+        decoded = codec.decode(payload, specs)
+    _require_finite(decoded)
+    for target, spec in zip(targets, specs, strict=True):
+        target += weight * np.asarray(decoded[spec.name], np.float32).reshape(-1)

@@ -23,6 +23,8 @@ CONFIG_RECORD = "config"  # the run config, from the server
 METRICS_RECORD = "metrics"  # a reply's numbers
 UPDATE_RECORD = "update"  # a client's compressed update: one envelope
 DOWNLOAD_RECORD = "download"  # the server's compressed model for the round: one envelope
+DOWNLINK_RECORD = "downlink"  # a coded download's versions: the one the node must hold, the one it rebuilds, its hash
+CATCH_UP_RECORD = "catch-up"  # a coded download's changes: one envelope per version the node lacks
 
 #: config keys the server adds to a round's run config (not run-config keys themselves)
 SERVER_ROUND_KEY = "server-round"
@@ -37,9 +39,20 @@ ENVELOPE_STYPE = "fedge.envelope/v1"
 ENVELOPE_KEY = "envelope"
 
 
-def envelope_record(envelope: bytes) -> ArrayRecord:
+def envelope_array(envelope: bytes) -> Array:
     """An envelope as one opaque Array: Flower carries (and chunks) the bytes, nothing decodes them on the way."""
-    return ArrayRecord({ENVELOPE_KEY: Array(dtype="bytes", shape=(len(envelope),), stype=ENVELOPE_STYPE, data=envelope)})
+    return Array(dtype="bytes", shape=(len(envelope),), stype=ENVELOPE_STYPE, data=envelope)
+
+
+def envelope_record(envelope: bytes) -> ArrayRecord:
+    return ArrayRecord({ENVELOPE_KEY: envelope_array(envelope)})
+
+
+def array_envelope(array: Array, where: str) -> bytes:
+    """The envelope an Array carries; a ValueError names `where` when it carries something else."""
+    if array.stype != ENVELOPE_STYPE:
+        raise ValueError(f"{where} holds stype {array.stype!r}, expected {ENVELOPE_STYPE!r}")
+    return bytes(array.data)
 
 
 def envelope_bytes(content: RecordDict, record: str) -> bytes:
@@ -49,10 +62,7 @@ def envelope_bytes(content: RecordDict, record: str) -> bytes:
     arrays = content.array_records[record]
     if ENVELOPE_KEY not in arrays:
         raise ValueError(f"record {record!r} holds no envelope")
-    array = arrays[ENVELOPE_KEY]
-    if array.stype != ENVELOPE_STYPE:
-        raise ValueError(f"record {record!r} holds stype {array.stype!r}, expected {ENVELOPE_STYPE!r}")
-    return bytes(array.data)
+    return array_envelope(arrays[ENVELOPE_KEY], f"record {record!r}")
 
 
 def scalar(value: MetricRecordValues) -> float:

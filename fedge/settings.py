@@ -55,6 +55,10 @@ class ConfigSection:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}  # type: ignore[call-overload]
 
 
+#: clients evaluated after each round unless `eval-clients` says otherwise (all of a fleet at most this large)
+DEFAULT_EVAL_CLIENTS = 50
+
+
 @dataclass
 class NoOptions(ConfigSection):
     """A method without knobs of its own."""
@@ -91,10 +95,19 @@ class RunSettings(ConfigSection):
     checkpoint_dir: str = ""  # default: <out-dir>/checkpoints
     #: the largest envelope a receiver opens (server: uploads; client: compressed downloads)
     max_update_bytes: int = 64 << 20
+    #: what the server sends each round: "auto" (the method's own codec where it has one, else dense), "dense"
+    #: (the whole model as Flower's ArrayRecord), or a codec name (the round's change, coded; see methods/downlink.py)
+    downlink_codec: str = "auto"
+    #: clients evaluated after each round (0: all when there are at most 50, else 50); the last round evaluates all
+    eval_clients: int = 0
     #: fault drill: comma-separated partition ids whose uploads are deliberately damaged
     fault_partitions: str = ""
     fault_kind: str = "corrupt"
     out_dir: str = "fedge-out"
+
+    def eval_count(self) -> int:
+        """Clients evaluated after each round: `eval-clients`, else all of a small fleet, else DEFAULT_EVAL_CLIENTS."""
+        return self.eval_clients or min(self.num_clients, DEFAULT_EVAL_CLIENTS)
 
     def scenario_options(self) -> dict[str, Any]:
         return {"seed": self.seed, "alpha": self.alpha}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 
 import numpy as np
@@ -35,3 +36,12 @@ def add(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> OrderedDict[str, 
 
 def num_elements(state: dict[str, np.ndarray]) -> int:
     return int(sum(v.size for v in state.values()))
+
+
+def digest(state: dict[str, np.ndarray]) -> str:
+    """sha256 of the names and float32 bytes, in order: two sides that rebuilt a state check they hold the same one."""
+    h = hashlib.sha256()
+    for k, v in state.items():
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(v, dtype=np.float32).tobytes())
+    return h.hexdigest()

@@ -43,7 +43,7 @@ STRATEGY_PREFIX = "strategy/"
 #: (a longer `num-server-rounds` extends a finished run instead of starting over)
 NEUTRAL_KEYS = frozenset({
     "num-server-rounds", "out-dir", "checkpoint", "checkpoint-dir", "round-timeout", "min-replies",
-    "round-retries", "node-wait", "device", "client-threads", "server-round",
+    "round-retries", "node-wait", "device", "client-threads", "server-round", "eval-clients",
 })
 
 

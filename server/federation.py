@@ -11,6 +11,7 @@ restarted server continues after the last checkpointed round.
 from __future__ import annotations
 
 import logging
+import random
 import re
 import time
 from collections.abc import Callable
@@ -68,10 +69,21 @@ class TrainRound:
     downlink: int
 
 
+def evaluation_panel(settings: RunSettings, nodes: list[int]) -> list[int] | None:
+    """The nodes evaluated after each round: a seeded sample of `eval_count()` nodes, fixed for the run so that
+    rounds compare on the same clients; None when that is every node."""
+    count = settings.eval_count()
+    if count >= len(nodes):
+        return None
+    return sorted(random.Random(settings.seed).sample(sorted(nodes), count))
+
+
 def evaluate_fleet(strategy: Strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
-                   timeout: float) -> FleetAccuracy:
-    """Fleet accuracy over the nodes connected now; a node that does not answer in time is left out."""
-    nodes = list(grid.get_node_ids())
+                   timeout: float, panel: list[int] | None = None) -> FleetAccuracy:
+    """Fleet accuracy over the nodes connected now (those of `panel` only, if given); a node that does not answer
+    in time is left out."""
+    connected = set(grid.get_node_ids())
+    nodes = sorted(connected) if panel is None else [n for n in panel if n in connected]
     if not nodes:
         log.warning("round %d: no node connected for evaluation", server_round)
         return fleet_accuracy([])
@@ -142,18 +154,25 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
         base, fleet = FleetAccuracy(**resumed.base), FleetAccuracy(**resumed.fleet)
         rows, totals = resumed.rows, {**totals, **resumed.totals}
         first_round = resumed.server_round + 1
-    else:
+    else:  # the base model on every client, like the final model (rounds between use the panel)
         base = evaluate_fleet(strategy, 0, arrays, config, grid, settings.round_timeout)
         fleet, first_round = base, 1
         log.info("%s: base accuracy %.4f on %d clients", method.name, base.accuracy, base.clients)
     outcome = FederationOutcome(method=method.name, base=base, rounds=rows)
 
+    panel = evaluation_panel(settings, nodes)
+    if panel is not None:
+        log.info("%s: evaluating %d of %d clients after each round, all of them after the last", method.name,
+                 len(panel), len(nodes))
     for server_round in range(first_round, settings.num_server_rounds + 1):
         round_started = time.perf_counter()
         result = train_round(strategy, server_round, arrays, config, grid, settings)
         if result.arrays is not None:
             arrays = result.arrays
-        fleet = evaluate_fleet(strategy, server_round, arrays, config, grid, settings.round_timeout)
+        trained = time.perf_counter()
+        last = server_round == settings.num_server_rounds
+        fleet = evaluate_fleet(strategy, server_round, arrays, config, grid, settings.round_timeout,
+                               None if last else panel)
         totals["uplink_bytes"] += result.uplink
         totals["downlink_bytes"] += result.downlink
         row: dict[str, Any] = {
@@ -167,6 +186,8 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
             "attempts": result.attempts,
             "eval_clients": fleet.clients,
             "round_seconds": time.perf_counter() - round_started,
+            "train_seconds": trained - round_started,
+            "eval_seconds": time.perf_counter() - trained,
             "finished_at": time.time(),
         }
         if result.metrics is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -60,12 +61,26 @@ def method_configs(names: list[str], common: dict[str, Any], items: list[str]) -
     return configs
 
 
+def parse_seeds(seeds: str, seed: int) -> list[int]:
+    """`--seeds 0,1,2` (each method runs on each), else the one `--seed`."""
+    try:
+        parsed = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError as err:
+        raise typer.BadParameter(f"{seeds!r} is not a comma-separated list of integers", param_hint="--seeds") from err
+    if len(set(parsed)) != len(parsed):
+        raise typer.BadParameter(f"{seeds!r} repeats a seed", param_hint="--seeds")
+    return parsed or [seed]
+
+
 def run(
     methods: Annotated[str, typer.Option(help="comma-separated; `fedge methods` lists them")] = "lora-fedavg,full-fedavg",
     rounds: Annotated[int | None, typer.Option(min=1, help="server rounds (default 10; --quick 5)")] = None,
     clients: Annotated[int | None, typer.Option(min=2, help="virtual clients (default 8; --quick 6)")] = None,
     clients_per_round: Annotated[int, typer.Option(min=0, help="clients sampled per round (0: all)")] = 0,
     seed: int = 0,
+    seeds: Annotated[str, typer.Option(
+        help="comma-separated seeds: every method runs on each, and figures are reported as mean and 95% interval "
+             "(each seed's own results in OUT/seed-N); default: --seed alone")] = "",
     alpha: Annotated[float, typer.Option(help="Dirichlet label-skew concentration")] = 0.5,
     scenario: str = "digits-shift",
     local_epochs: Annotated[int | None, typer.Option(min=1, help="local epochs per round (default 3; --quick 2)")] = None,
@@ -73,6 +88,10 @@ def run(
     lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank of every adapted layer")] = _DEFAULTS.lora_rank,
     lora_alpha: Annotated[int, typer.Option(min=1, help="LoRA alpha (updates are scaled by alpha / rank)")] = _DEFAULTS.lora_alpha,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
+    eval_clients: Annotated[int, typer.Option(
+        min=0, help="clients evaluated after each round (0: all when at most 50, else 50); the last round evaluates all")] = 0,
+    downlink_codec: Annotated[str, typer.Option(
+        help="downloads: auto (the method's own codec where it has one), dense, or a codec name")] = "auto",
     out: Annotated[Path, typer.Option(help="output folder: results.json, the plot, checkpoints, the edge fleet's state; "
                                       "an earlier run's outputs there are replaced")] = Path("fedge-out"),
     quick: Annotated[bool, typer.Option(help="a small run (5 rounds, 6 clients, 2 local epochs, unless given) "
@@ -89,14 +108,14 @@ def run(
     from fedge.results import (
         PLOT_FILE,
         RESULTS_FILE,
+        combine_seeds,
         final_table,
         method_results,
         plot_accuracy_vs_uplink,
-        round_table,
         write_results,
     )
     from fedge.scenario import load_scenario
-    from fedge.sim.runner import simulate
+    from fedge.sim.resources import PeakMemory
     from fedge.training import resolve_device
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -109,41 +128,46 @@ def run(
     local_epochs = local_epochs or (2 if quick else 3)
     if clients_per_round > clients:
         raise typer.BadParameter(f"{clients_per_round} is more than --clients {clients}", param_hint="--clients-per-round")
+    seed_list = parse_seeds(seeds, seed)
     out = check_out_dir(out)
     resolve_device(device)
     common = {"num-server-rounds": rounds, "num-clients": clients, "clients-per-round": clients_per_round,
-              "seed": seed, "alpha": alpha, "scenario": scenario, "local-epochs": local_epochs, "lr": lr,
-              "lora-rank": lora_rank, "lora-alpha": lora_alpha, "device": device, "out-dir": str(out),
-              "checkpoint": "auto" if resume else "fresh"}
-    configs = method_configs(names, common, run_config or [])  # every key checked before anything trains
+              "alpha": alpha, "scenario": scenario, "local-epochs": local_epochs, "lr": lr,
+              "lora-rank": lora_rank, "lora-alpha": lora_alpha, "device": device, "eval-clients": eval_clients,
+              "downlink-codec": downlink_codec, "checkpoint": "auto" if resume else "fresh"}
+    folders = {s: out / f"seed-{s}" if len(seed_list) > 1 else out for s in seed_list}
+    configs = {s: method_configs(names, {**common, "seed": s, "out-dir": str(folders[s])}, run_config or [])
+               for s in seed_list}  # every key of every seed checked before anything trains
     removed = clear_previous_run(out, keep_checkpoints=resume)
     if removed:
         console.print(f"{out} held an earlier run: replaced its {', '.join(removed)}"
                       + (" (checkpoints kept: --resume)" if resume else ""))
-    results_path = out / RESULTS_FILE
     started = time.perf_counter()
-    outcomes: dict[str, Any] = {}
-    results: dict[str, Any] | None = None
-    with progress_bars() as progress:
-        load_scenario(scenario, seed=seed, alpha=alpha).base_model()  # trained here, with a bar, on first use
-        for name in names:
-            task = progress.add_task(f"{name:>12}", total=rounds, note="")
-            rows: list[dict[str, Any]] = []
-
-            def on_round(_: str, row: dict[str, Any], task: Any = task, rows: list = rows) -> None:
-                rows.append(row)
-                progress.update(task, completed=row["round"],
-                                note=f"acc {row['accuracy']:.3f}  up {row['uplink_bytes'] / 1e3:.0f} KB")
-
-            outcome = outcomes[name] = simulate(configs[name], on_round=on_round, record=False)
-            results = method_results(scenario=outcome.scenario, base_accuracy=outcome.base.accuracy, name=name,
-                                     entry=outcome.entry, into=results)
-            write_results(out, results)  # a finished method is kept even if a later one fails
-            progress.console.print(round_table(name, rows))
-        assert results is not None
+    per_seed: dict[int, dict[str, Any]] = {}
+    first_outcome: Any = None
+    with PeakMemory() as memory, progress_bars() as progress:
+        tasks = {name: progress.add_task(f"{name:>12}", total=rounds * len(seed_list), note="") for name in names}
+        for s in seed_list:
+            load_scenario(scenario, seed=s, alpha=alpha).base_model()  # trained here, with a bar, on first use
+            results: dict[str, Any] | None = None
+            for name in names:
+                outcome = simulate_method(configs[s][name], progress, tasks[name], memory,
+                                          f"{name} (seed {s})" if len(seed_list) > 1 else name)
+                first_outcome = first_outcome or outcome
+                results = method_results(scenario=outcome.scenario, base_accuracy=outcome.base.accuracy, name=name,
+                                         entry=outcome.entry, into=results)
+                write_results(folders[s], results)  # a finished method is kept even if a later one fails
+            assert results is not None
+            per_seed[s] = results
+        results = combine_seeds(per_seed) if len(seed_list) > 1 else per_seed[seed_list[0]]
         if edge_devices > 0:
-            results["edge"] = deploy_final(configs[names[0]], outcomes[names[0]].arrays, edge_devices, out / EDGE)
-    results["run"] = {"methods": names, "rounds": rounds, "clients": clients, "seconds": time.perf_counter() - started}
+            results["edge"] = deploy_final(configs[seed_list[0]][names[0]], first_outcome.arrays, edge_devices,
+                                           out / EDGE)
+    results["run"] = {"methods": names, "rounds": rounds, "clients": clients, "seeds": seed_list,
+                      "seconds": time.perf_counter() - started, "peak_memory_bytes": memory.peak.pss_bytes,
+                      "peak_rss_bytes": memory.peak.rss_bytes}
+    if len(seed_list) > 1:
+        results["run"]["seed_results"] = {str(s): str(folders[s] / RESULTS_FILE) for s in seed_list}
     write_results(out, results)
     plot = plot_accuracy_vs_uplink(results, out / PLOT_FILE)
     console.print(final_table(results))
@@ -153,7 +177,51 @@ def run(
             sent = entry["uplink"]["bytes"]
             console.print(f"{name}: uplink {sent / 1e6:.1f} MB = {sent / share:.3f} of its budget-weighted dense share "
                           f"({share / 1e6:.1f} MB)")
-    console.print(f"wrote {results_path} and {plot}")
+    console.print(f"peak memory of the whole process tree (Ray workers included): "
+                  f"{memory.peak.pss_bytes / 2**30:.2f} GiB PSS ({memory.peak.rss_bytes / 2**30:.2f} GiB RSS summed)")
+    console.print(f"wrote {out / RESULTS_FILE} and {plot}")
+    write_results(out, results)
+    plot = plot_accuracy_vs_uplink(results, out / PLOT_FILE)
+    console.print(final_table(results))
+    for name, entry in results.get("methods", {}).items():
+        share = entry.get("uplink", {}).get("budget_weighted_dense_bytes")
+        if share:  # sparsity budgets: what the method sent against what its budgets allow of a dense upload
+            sent = entry["uplink"]["bytes"]
+            console.print(f"{name}: uplink {sent / 1e6:.1f} MB = {sent / share:.3f} of its budget-weighted dense share "
+                          f"({share / 1e6:.1f} MB)")
+    console.print(f"peak memory of the whole process tree (Ray workers included): "
+                  f"{memory.peak.pss_bytes / 2**30:.2f} GiB PSS ({memory.peak.rss_bytes / 2**30:.2f} GiB RSS summed)")
+    console.print(f"wrote {out / RESULTS_FILE} and {plot}")
+
+
+def simulate_method(config: dict[str, Any], progress: Any, task: Any, memory: Any, title: str) -> Any:
+    """One federation (its results kept in process: `fedge run` writes one results.json for all it ran); its
+    per-round table, and its wall time and peak memory per round added to its entry."""
+    from fedge.results import round_table
+    from fedge.sim.runner import simulate
+
+    rows: list[dict[str, Any]] = []
+    laps: list[int] = []
+    memory.lap()
+    progress.update(task, description=f"{title:>12}")
+
+    def on_round(_: str, row: dict[str, Any]) -> None:
+        rows.append(row)
+        laps.append(memory.lap().pss_bytes)
+        progress.update(task, advance=1, note=f"acc {row['accuracy']:.3f}  up {row['uplink_bytes'] / 1e3:.0f} KB")
+
+    outcome = simulate(config, on_round=on_round, record=False)
+    seconds = [r["round_seconds"] for r in rows]
+    outcome.entry["resources"] = {
+        "round_peak_memory_bytes": laps,
+        "peak_memory_bytes": max(laps, default=0),
+        "median_round_seconds": statistics.median(seconds) if seconds else None,
+    }
+    progress.console.print(round_table(title, rows))
+    if seconds:
+        progress.console.print(f"{title}: median round {statistics.median(seconds):.1f} s, peak memory "
+                               f"{max(laps) / 2**30:.2f} GiB (whole process tree, PSS)")
+    return outcome
 
 
 def deploy_final(config: dict[str, Any], arrays: Any, devices: int, workdir: Path) -> dict[str, Any]:
@@ -208,6 +276,31 @@ def bench_codecs(
     print_codec_bench(rows, console=console)
     if json_out is not None:
         json_out.write_text(json.dumps(rows, indent=2, default=str))
+
+
+@bench_app.command("aggregate")
+def bench_aggregate(
+    clients: Annotated[int, typer.Option(help="envelopes aggregated per round")] = 1000,
+    params: Annotated[int, typer.Option(help="parameters of each update")] = 1_000_000,
+    codecs: Annotated[str, typer.Option(help="comma-separated codecs of fedge's path")] = "dense,fedzip,flasc,q8",
+    compare_clients: Annotated[int, typer.Option(
+        help="a second, smaller client count, to show how time and memory grow (0: none)")] = 100,
+    rounds: Annotated[int, typer.Option(help="timed rounds per path (median reported)")] = 3,
+    distinct: Annotated[int, typer.Option(help="distinct updates the clients' envelopes cycle through")] = 8,
+    flower: Annotated[bool, typer.Option(help="also Flower's stock FedAvg on the same updates as dense ArrayRecords")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
+) -> None:
+    """The server's decode-and-aggregate path per round on one core, with peak memory, against Flower's FedAvg."""
+    from fedge.sim.bench_aggregate import FLOWER, print_aggregate_bench, run_aggregate_bench, with_ratios
+
+    paths = [c.strip() for c in codecs.split(",") if c.strip()] + ([FLOWER] if flower else [])
+    counts = sorted({c for c in (compare_clients, clients) if c > 0})
+    with console.status("aggregating (each path in its own process, one core)") as status:
+        rows = run_aggregate_bench(paths, counts, params, rounds=rounds, distinct=distinct, on_result=lambda r:
+                                   status.update(f"done: {r['path']} x {r['clients']} clients ({r['seconds']:.2f} s)"))
+    print_aggregate_bench(with_ratios(rows), console=console)
+    if json_out is not None:
+        json_out.write_text(json.dumps(rows, indent=2))
 
 
 @bench_app.command("edge")

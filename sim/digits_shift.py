@@ -6,6 +6,27 @@ on disk); the rest is the target domain, split among clients by Dirichlet
 label skew and seen by each client through its own camera shift (rotation,
 blur, noise, contrast), so the base model loses accuracy there and adaptation
 has something to win back.
+
+Test sets: the target domain has only ~1,078 images, so a client's test split
+(30% of its shard, ~324 images over all clients) would make one image 0.3
+points of accuracy. Each test image is therefore seen `TEST_DRAWS` times
+through the client's own camera, each take with its own noise and a little
+jitter of angle, focus and exposure (`CameraShift.jittered`): the first take is
+the one a single-draw test set had, so training data and partitions are
+unchanged. Takes of one image are correlated, so this narrows the
+noise of what is measured (how a model copes with the camera) more than it
+adds independent images; comparisons rest on seeds and their intervals.
+
+Fleets larger than `MAX_DISJOINT_CLIENTS` cannot split ~1,078 images into
+shards of useful size. Their clients draw their shards with replacement
+(`DRAWN_TRAIN` + `DRAWN_TEST` images, Dirichlet label skew): training images
+from a train pool and test images from a disjoint test pool of the target
+domain, so no test image is ever trained on, by any client, through any
+camera. Such a fleet's test set is large by itself (1,000 clients: 10,000
+samples, each pool image seen through some 30 cameras), so its clients take
+each test image once: evaluating a thousand clients is costly enough. Up to `MAX_DISJOINT_CLIENTS` the shards are today's disjoint Dirichlet
+partition, so existing figures stay comparable. Either way a client's data is
+built when it is asked for, one client at a time.
 """
 
 from __future__ import annotations
@@ -27,12 +48,18 @@ from torch.utils.data import TensorDataset
 
 from fedge.progress import report
 from fedge.scenario import ClientData
-from fedge.sim.partition import dirichlet_partition
+from fedge.sim.partition import dirichlet_draw, dirichlet_partition
 from fedge.sim.shifts import CameraShift
 from fedge.tiers import tier_for
 from fedge.training import train_epochs
 
 IMAGE_SIZE = 32
+#: takes of each test image through its client's camera (a fleet of drawn shards: one)
+TEST_DRAWS = 8
+#: above this many clients, shards are drawn with replacement from disjoint train and test pools
+MAX_DISJOINT_CLIENTS = 50
+#: a drawn shard's images (about what each client holds at MAX_DISJOINT_CLIENTS disjoint clients)
+DRAWN_TRAIN, DRAWN_TEST = 22, 10
 
 
 def cache_dir() -> Path:
@@ -114,27 +141,63 @@ class DigitsShift:
     def client_shift(self, partition_id: int) -> CameraShift:
         return CameraShift.draw(np.random.default_rng([self.seed, 1, partition_id]), self.shift_strength)
 
+    @cached_property
+    def _pools(self) -> tuple[np.ndarray, np.ndarray]:
+        """Disjoint train and test pools of the target domain (indices), for fleets that draw their shards."""
+        _, _, _, y_t = self._split
+        order = np.random.default_rng([self.seed, 5]).permutation(len(y_t))
+        n_test = round(self.test_fraction * len(y_t))
+        return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+    def drawn(self, num_partitions: int) -> bool:
+        """Whether clients draw their shards with replacement (a fleet too large for disjoint shards)."""
+        return num_partitions > MAX_DISJOINT_CLIENTS
+
+    def test_takes(self, num_partitions: int) -> int:
+        """How many times each client sees each of its test images."""
+        return 1 if self.drawn(num_partitions) else TEST_DRAWS
+
     def client_data(self, partition_id: int, num_partitions: int) -> ClientData:
         if not 0 <= partition_id < num_partitions:
             raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
         _, _, x_t, y_t = self._split
-        parts = dirichlet_partition(y_t, num_partitions, self.alpha, seed=self.seed)
-        idx = parts[partition_id]
-        rng = np.random.default_rng([self.seed, 2, partition_id])
         shift = self.client_shift(partition_id)
-        images = shift.apply(x_t[idx], rng)
-        labels = y_t[idx]
-        order = rng.permutation(len(idx))
-        n_test = max(2, round(self.test_fraction * len(idx)))
-        test, train = order[:n_test], order[n_test:]
+        if self.drawn(num_partitions):
+            rng = np.random.default_rng([self.seed, 4, partition_id])
+            train_pool, test_pool = self._pools
+            train = train_pool[dirichlet_draw(y_t[train_pool], DRAWN_TRAIN, self.alpha, rng)]
+            test = test_pool[dirichlet_draw(y_t[test_pool], DRAWN_TEST, self.alpha, rng)]
+            train_x, test_x = shift.apply(x_t[train], rng), shift.apply(x_t[test], rng)
+        else:
+            idx = dirichlet_partition(y_t, num_partitions, self.alpha, seed=self.seed)[partition_id]
+            rng = np.random.default_rng([self.seed, 2, partition_id])
+            images = shift.apply(x_t[idx], rng)
+            order = rng.permutation(len(idx))
+            n_test = max(2, round(self.test_fraction * len(idx)))
+            train, test = idx[order[n_test:]], idx[order[:n_test]]
+            train_x, test_x = images[order[n_test:]], images[order[:n_test]]
+        takes, count = np.random.default_rng([self.seed, 3, partition_id]), self.test_takes(num_partitions)
+        test_x = np.concatenate([test_x, *(shift.jittered(takes).apply(x_t[test], takes) for _ in range(count - 1))])
+        test_y = np.tile(y_t[test], count)
 
-        def ds(sel: np.ndarray) -> TensorDataset:
-            return TensorDataset(torch.from_numpy(images[sel][:, None]), torch.from_numpy(labels[sel]))
+        def ds(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+            return TensorDataset(torch.from_numpy(x[:, None]), torch.from_numpy(y))
 
-        return ClientData(train=ds(train), test=ds(test), tier=tier_for(partition_id), shift=shift.to_dict())
+        return ClientData(train=ds(train_x, y_t[train]), test=ds(test_x, test_y), tier=tier_for(partition_id),
+                          shift=shift.to_dict())
+
+    def _shard_sizes(self, num_partitions: int) -> list[tuple[int, int]]:
+        """(train, test images) of every client, without building any client's data."""
+        if self.drawn(num_partitions):
+            return [(DRAWN_TRAIN, DRAWN_TEST)] * num_partitions
+        _, _, _, y_t = self._split
+        sizes = [len(p) for p in dirichlet_partition(y_t, num_partitions, self.alpha, seed=self.seed)]
+        return [(n - max(2, round(self.test_fraction * n)), max(2, round(self.test_fraction * n))) for n in sizes]
 
     def describe(self, num_partitions: int) -> dict[str, Any]:
         _, y_s, _, y_t = self._split
+        sizes = self._shard_sizes(num_partitions)
+        takes = self.test_takes(num_partitions)
         return {
             "name": self.name,
             "architecture": self.architecture,
@@ -144,14 +207,20 @@ class DigitsShift:
             "source_samples": len(y_s),
             "target_samples": len(y_t),
             "num_partitions": num_partitions,
+            "shards": "drawn with replacement from disjoint train/test pools" if self.drawn(num_partitions)
+                      else "disjoint Dirichlet partition",
+            "test_takes": takes,
+            "test_images": sum(test for _, test in sizes),
+            "test_samples": takes * sum(test for _, test in sizes),
             "clients": [
                 {
                     "partition_id": p,
-                    "samples": len(part),
+                    "samples": train + test,
+                    "test_samples": takes * test,
                     "tier": tier_for(p).tier,
                     "shift": self.client_shift(p).to_dict(),
                 }
-                for p, part in enumerate(dirichlet_partition(y_t, num_partitions, self.alpha, seed=self.seed))
+                for p, (train, test) in enumerate(sizes)
             ],
         }
 

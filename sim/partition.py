@@ -34,3 +34,15 @@ def dirichlet_partition(
         f"could not give every one of {num_partitions} clients {min_size} samples "
         f"from {len(labels)} with alpha={alpha}; use fewer clients or a larger alpha"
     )
+
+
+def dirichlet_draw(labels: np.ndarray, size: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """`size` indices into `labels`, drawn with replacement: class proportions from Dirichlet(alpha), then images
+    of each class uniformly. A client of a fleet larger than its data pool gets its own label-skewed shard this way."""
+    if alpha <= 0:
+        raise ValueError("alpha must be > 0")
+    classes = np.unique(labels)
+    share = rng.dirichlet(np.full(classes.size, alpha))
+    counts = rng.multinomial(size, share)
+    picked = [rng.choice(np.flatnonzero(labels == c), n) for c, n in zip(classes, counts, strict=True) if n]
+    return rng.permutation(np.concatenate(picked)) if picked else np.zeros(0, np.int64)

@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
+#: how far one take of a camera's angle strays from its mounting angle
+ROTATION_JITTER_DEG = 4.0
+
 
 @dataclass(frozen=True)
 class CameraShift:
@@ -23,6 +26,15 @@ class CameraShift:
             blur_sigma=float(rng.uniform(0.5, 1.5) * strength),
             noise_std=float(rng.uniform(0.05, 0.2) * strength),
             contrast=float(1.0 - rng.uniform(0.2, 0.5) * strength),
+        )
+
+    def jittered(self, rng: np.random.Generator) -> CameraShift:
+        """The same camera on another take: its angle, focus and exposure vary a little (fresh noise comes from `apply`)."""
+        return CameraShift(
+            rotation_deg=self.rotation_deg + float(rng.uniform(-ROTATION_JITTER_DEG, ROTATION_JITTER_DEG)),
+            blur_sigma=self.blur_sigma * float(rng.uniform(0.8, 1.2)),
+            noise_std=self.noise_std,
+            contrast=float(np.clip(self.contrast + rng.uniform(-0.05, 0.05), 0.1, 1.0)),
         )
 
     def apply(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:

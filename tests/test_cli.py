@@ -75,7 +75,7 @@ def test_every_run_config_key_and_value_is_checked_up_front(tmp_path: Path, over
 
 def test_registry_serve_with_a_missing_file_to_publish(tmp_path: Path) -> None:
     fails(["registry", "serve", "--workdir", str(tmp_path / "reg"), "--publish", str(tmp_path / "model.onnx")],
-          "'--publish': File", "does not exist", code=2)
+          "'--publish': Path", "does not exist", code=2)
 
 
 @pytest.mark.parametrize("command", [["registry", "publish", "FILE", "--token", "t"], ["registry", "status"]])

@@ -18,12 +18,12 @@ def test_a_client_that_reaches_the_optimum_moves_the_global_there() -> None:
     global_state = OrderedDict((k, v + rng.normal(size=v.shape).astype(np.float32)) for k, v in init.items())
     optimum = OrderedDict((k, v + rng.normal(size=v.shape).astype(np.float32)) for k, v in init.items())
     strategy = _strategy(init, lr=1.0)
-    strategy._current = global_state
+    strategy.round_start = global_state
     envelope = strategy.start_round()
     start = decode_download(envelope, init, len(envelope))
     assert any(not np.array_equal(start[k], global_state[k]) for k in init), "the download should be lossy"
     update = OrderedDict((k, optimum[k] - start[k]) for k in init)
-    new = strategy.apply(strategy._current, update)
+    new = strategy.apply(strategy.round_start, update)
     for k in init:
         np.testing.assert_allclose(new[k], optimum[k], atol=1e-5)
 

@@ -53,9 +53,9 @@ def test_a_runs_federated_model_reaches_an_agent(tmp_path: Path) -> None:
         public_key = registry.wait_for_line("PUBLIC_KEY ", 60)
         agent = ChildProcess.spawn("cam-0", [*FEDGE, "edge", "agent", "--registry", address, "--public-key", public_key,
                                              "--device-id", "cam-0", "--workdir", "fedge-out/cam-0", "--data",
-                                             str(export / "samples.npz"), "--serve-passes", "1",
+                                             str(export / "samples.npz"), "--serve-passes", "1", "--precisions", "fp32",
                                              "--report-interval", "0.3"], tmp_path / "agent.log", cwd=tmp_path)
-        out = fedge("registry", "publish", str(export / "model.onnx"), "--registry", address, "--token", token,
+        out = fedge("registry", "publish", str(export), "--registry", address, "--token", token,
                     cwd=tmp_path)
         assert out.startswith("published v1")
         telemetry = wait_for_fleet(address, 1, ["cam-0"], {"cam-0": samples}, timeout=120)["cam-0"]

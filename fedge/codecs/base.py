@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -23,6 +23,10 @@ SUPPORTED_DTYPES = ("float32", "float16", "float64")
 
 class CodecError(ValueError):
     """A payload that cannot be decoded (truncated, inconsistent with its specs, corrupt)."""
+
+
+class NonFiniteError(CodecError):
+    """A payload that decodes, but to NaN or infinite values."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,20 @@ class Codec(Protocol):
     def decode(self, payload: bytes, specs: list[TensorSpec]) -> OrderedDict[str, np.ndarray]: ...
 
 
+@runtime_checkable
+class Accumulating(Protocol):
+    """A codec that can add its decoded update straight into a running sum (what a server does with every upload).
+
+    `accumulate(payload, specs, into, weight)` adds `weight * decode(payload, specs)` to `into` (one flat
+    float64 vector per spec) without building the dense update when the payload is sparse or block-coded.
+    It decodes and checks everything first (`CodecError`; `NonFiniteError` for NaN or infinite values)
+    and only then adds, so a payload it refuses leaves `into` untouched.
+    """
+
+    def accumulate(self, payload: bytes, specs: list[TensorSpec], into: Sequence[np.ndarray],
+                   weight: float) -> None: ...
+
+
 def specs_of(update: Mapping[str, np.ndarray]) -> list[TensorSpec]:
     specs = []
     for name, arr in update.items():
@@ -128,3 +146,46 @@ def to_fraction(value: object, name: str) -> float:
 def fmt_float(value: float) -> str:
     """A float as a string that parses back to the identical value."""
     return repr(float(value))
+
+
+def require_finite(values: np.ndarray, what: str) -> None:
+    """Refuse NaN or infinite values (checked on a payload's compact values, before they are spread out)."""
+    if not np.isfinite(values).all():
+        raise NonFiniteError(f"{what} hold NaN or infinite values")
+
+
+def scatter_add(into: Sequence[np.ndarray], indices: Sequence[np.ndarray], values: np.ndarray, weight: float) -> None:
+    """Add `weight * values` at each tensor's kept `indices` (values run tensor by tensor, as sparse payloads list them)."""
+    start = 0
+    for target, idx in zip(into, indices, strict=True):
+        if idx.size:
+            target[idx] += weight * values[start:start + idx.size]  # kept indices are unique within a tensor
+        start += idx.size
+
+
+def spread(specs: list[TensorSpec], indices: Sequence[np.ndarray], values: np.ndarray) -> OrderedDict[str, np.ndarray]:
+    """A sparse payload's dense update: `values` (tensor by tensor) at their kept `indices`, zero elsewhere."""
+    flats = [np.zeros(spec.size, np.float32) for spec in specs]
+    scatter_add(flats, indices, values, 1.0)
+    return assemble(specs, flats)
+
+
+class SparseDecoding:
+    """Decoding shared by codecs whose payload is kept values at kept positions (fedzip, flasc, ternary).
+
+    A codec gives `kept(payload, specs)`: the kept values, tensor by tensor, and each tensor's kept indices,
+    checked against the specs. Decoding spreads them into zeros; accumulating adds them to a running sum in
+    place, after checking they are finite.
+    """
+
+    def kept(self, payload: bytes, specs: list[TensorSpec]) -> tuple[np.ndarray, list[np.ndarray]]:
+        raise NotImplementedError
+
+    def decode(self, payload: bytes, specs: list[TensorSpec]) -> OrderedDict[str, np.ndarray]:
+        values, indices = self.kept(payload, specs)
+        return spread(specs, indices, values)
+
+    def accumulate(self, payload: bytes, specs: list[TensorSpec], into: Sequence[np.ndarray], weight: float) -> None:
+        values, indices = self.kept(payload, specs)
+        require_finite(values, f"{getattr(self, 'name', 'sparse')} values")
+        scatter_add(into, indices, values, weight)

@@ -11,11 +11,11 @@ and 0.5 + 4/64 for q4 (14.1%). Codes are fixed width, not entropy coded.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedge.codecs.base import Encoded, TensorSpec, assemble, flat_f32, specs_of, to_int
+from fedge.codecs.base import Encoded, TensorSpec, assemble, flat_f32, require_finite, specs_of, to_int
 from fedge.codecs.primitives.entropy import shannon_bytes
 from fedge.codecs.primitives.frame import PayloadReader, PayloadWriter
 from fedge.codecs.registry import register_codec
@@ -79,12 +79,17 @@ class BlockQuantCodec:
         nibbles[1::2] = packed >> 4
         return (nibbles[:count] - 8).astype(np.float32)
 
-    def decode(self, payload: bytes, specs: list[TensorSpec]) -> OrderedDict[str, np.ndarray]:
+    def _parts(self, payload: bytes, specs: list[TensorSpec]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Scales (fp32, one per block), codes (int8, every entry) and each tensor's block count."""
         reader = PayloadReader(payload)
         nblocks = [_blocks(s.size, self.block) for s in specs]
         scales = reader.array("scales", "<f4", sum(nblocks)).astype(np.float32)
         codes = self._unpack(reader.take("codes"), sum(s.size for s in specs))
         reader.finish()
+        return scales, codes, nblocks
+
+    def decode(self, payload: bytes, specs: list[TensorSpec]) -> OrderedDict[str, np.ndarray]:
+        scales, codes, nblocks = self._parts(payload, specs)
         flats, at_code, at_block = [], 0, 0
         for spec, nb in zip(specs, nblocks, strict=True):
             block_scale = np.repeat(scales[at_block:at_block + nb], self.block)[:spec.size]
@@ -92,6 +97,23 @@ class BlockQuantCodec:
             at_code += spec.size
             at_block += nb
         return assemble(specs, flats)
+
+    def accumulate(self, payload: bytes, specs: list[TensorSpec], into: Sequence[np.ndarray], weight: float) -> None:
+        """Whole blocks are scaled as rows (no per-entry scale vector is built); a tensor's last partial block apart."""
+        scales, codes, nblocks = self._parts(payload, specs)
+        require_finite(scales, f"{self.name} scales")
+        at_code, at_block = 0, 0
+        for target, spec, nb in zip(into, specs, nblocks, strict=True):
+            tensor_codes, tensor_scales = codes[at_code:at_code + spec.size], scales[at_block:at_block + nb]
+            full = spec.size // self.block
+            whole = full * self.block
+            if full:
+                rows = tensor_codes[:whole].reshape(full, self.block) * tensor_scales[:full, None]
+                target[:whole].reshape(full, self.block)[...] += weight * rows
+            if whole < spec.size:
+                target[whole:] += weight * (tensor_codes[whole:] * tensor_scales[full])
+            at_code += spec.size
+            at_block += nb
 
 
 @register_codec

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
@@ -10,8 +9,8 @@ import numpy as np
 from fedge.codecs.base import (
     CodecError,
     Encoded,
+    SparseDecoding,
     TensorSpec,
-    assemble,
     flat_f32,
     fmt_float,
     specs_of,
@@ -27,7 +26,7 @@ from fedge.codecs.registry import register_codec
 
 
 @register_codec
-class FedZipCodec:
+class FedZipCodec(SparseDecoding):
     """Payload sections: counts, centroids (fp32, `clusters` per tensor), cluster ids, positions.
 
     The paper codes ids and addresses with Huffman; here both go through an
@@ -64,7 +63,8 @@ class FedZipCodec:
         write_positions(writer, indices)
         return Encoded(writer.payload(), specs, writer.sections)
 
-    def decode(self, payload: bytes, specs: list[TensorSpec]) -> OrderedDict[str, np.ndarray]:
+    def kept(self, payload: bytes, specs: list[TensorSpec]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Each tensor's cluster ids looked up in its own centroid row, at its kept positions."""
         reader = PayloadReader(payload)
         centroids = reader.array("centroids", "<f4", self.clusters * len(specs)).reshape(len(specs), self.clusters)
         ids_blob = reader.take("ids")
@@ -73,10 +73,5 @@ class FedZipCodec:
         ids = decode_symbols(ids_blob, sum(i.size for i in indices))
         if ids.size and ids.max() >= self.clusters:
             raise CodecError("a cluster id exceeds the number of clusters")
-        flats, start = [], 0
-        for row, spec, idx in zip(centroids, specs, indices, strict=True):
-            out = np.zeros(spec.size, np.float32)
-            out[idx] = row[ids[start:start + idx.size]]
-            start += idx.size
-            flats.append(out)
-        return assemble(specs, flats)
+        row = np.repeat(np.arange(len(indices)), [i.size for i in indices])
+        return centroids[row, ids], indices

@@ -7,12 +7,11 @@ positions through the shared entropy-coded gap stream.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
 
-from fedge.codecs.base import Encoded, TensorSpec, assemble, flat_f32, fmt_float, specs_of, to_fraction
+from fedge.codecs.base import Encoded, SparseDecoding, TensorSpec, flat_f32, fmt_float, specs_of, to_fraction
 from fedge.codecs.primitives.frame import PayloadReader, PayloadWriter
 from fedge.codecs.primitives.positions import read_positions, write_positions
 from fedge.codecs.primitives.select import keep_count, topk_indices
@@ -22,7 +21,7 @@ _VALUE_DTYPES = {"float32": "<f4", "float16": "<f2"}
 
 
 @register_codec
-class FlascCodec:
+class FlascCodec(SparseDecoding):
     """Payload sections: values (all kept entries, tensor by tensor), counts, positions.
 
     `density` is the paper's d (the fraction of all adapter entries sent); the
@@ -54,18 +53,11 @@ class FlascCodec:
         write_positions(writer, indices)
         return Encoded(writer.payload(), specs, writer.sections)
 
-    def decode(self, payload: bytes, specs: list[TensorSpec]) -> OrderedDict[str, np.ndarray]:
+    def kept(self, payload: bytes, specs: list[TensorSpec]) -> tuple[np.ndarray, list[np.ndarray]]:
         reader = PayloadReader(payload)
         values_blob = reader.take("values")
         indices = read_positions(reader, specs, overall=self.density)
         reader.finish()
-        code = _VALUE_DTYPES[self.value_dtype]
         total = sum(i.size for i in indices)
-        values = PayloadReader.as_array(values_blob, "values", code, total).astype(np.float32)
-        flats, start = [], 0
-        for spec, idx in zip(specs, indices, strict=True):
-            out = np.zeros(spec.size, np.float32)
-            out[idx] = values[start:start + idx.size]
-            start += idx.size
-            flats.append(out)
-        return assemble(specs, flats)
+        values = PayloadReader.as_array(values_blob, "values", _VALUE_DTYPES[self.value_dtype], total)
+        return values.astype(np.float32), indices

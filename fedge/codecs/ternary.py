@@ -9,12 +9,20 @@ which is the mean magnitude of the kept entries (d/ds ||x_S - s*sign(x_S)||^2 = 
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
 
-from fedge.codecs.base import CodecError, Encoded, TensorSpec, assemble, flat_f32, fmt_float, specs_of, to_fraction
+from fedge.codecs.base import (
+    CodecError,
+    Encoded,
+    SparseDecoding,
+    TensorSpec,
+    flat_f32,
+    fmt_float,
+    specs_of,
+    to_fraction,
+)
 from fedge.codecs.primitives.entropy import decode_symbols, encode_symbols, shannon_bytes
 from fedge.codecs.primitives.frame import PayloadReader, PayloadWriter
 from fedge.codecs.primitives.positions import read_positions, write_positions
@@ -25,7 +33,7 @@ _SCALE_RULES = ("l2", "std")
 
 
 @register_codec
-class TernaryCodec:
+class TernaryCodec(SparseDecoding):
     """Payload sections: scales (fp32 per tensor), signs (entropy-coded bits), counts, positions."""
 
     name = "ternary"
@@ -62,7 +70,8 @@ class TernaryCodec:
         write_positions(writer, indices)
         return Encoded(writer.payload(), specs, writer.sections)
 
-    def decode(self, payload: bytes, specs: list[TensorSpec]) -> OrderedDict[str, np.ndarray]:
+    def kept(self, payload: bytes, specs: list[TensorSpec]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """+-scale of each tensor at its kept positions."""
         reader = PayloadReader(payload)
         scales = reader.array("scales", "<f4", len(specs)).astype(np.float32)
         signs_blob = reader.take("signs")
@@ -71,10 +80,5 @@ class TernaryCodec:
         signs = decode_symbols(signs_blob, sum(i.size for i in indices))
         if signs.size and signs.max() > 1:
             raise CodecError("a sign symbol is neither 0 nor 1")
-        flats, start = [], 0
-        for s, spec, idx in zip(scales, specs, indices, strict=True):
-            out = np.zeros(spec.size, np.float32)
-            out[idx] = np.where(signs[start:start + idx.size] > 0, s, -s)
-            start += idx.size
-            flats.append(out)
-        return assemble(specs, flats)
+        magnitude = np.repeat(scales, [i.size for i in indices])
+        return np.where(signs > 0, magnitude, -magnitude), indices

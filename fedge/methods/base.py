@@ -20,6 +20,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
+from fedge.codecs import available_codecs
 from fedge.federated_model import build_federated_model, exchanged_state, load_exchanged_state
 from fedge.messages import ARRAYS_RECORD, METRICS_RECORD, SERVER_ROUND_KEY
 from fedge.registry import Registry
@@ -121,6 +122,10 @@ class Method:
     lr: float = 3e-3
     #: config keys its strategy adds to a round's config (not run-config keys)
     protocol_keys: tuple[str, ...] = field(default=())
+    #: what `downlink-codec = auto` sends: "dense", a codec name, or "own" (the method's own download, no other)
+    downlink: str = "dense"
+    #: whether its strategy can send coded downloads (`fedge.methods.downlink`)
+    coded_downlink: bool = False
 
     def build_model(self, scenario: Scenario, settings: RunSettings) -> nn.Module:
         return build_federated_model(scenario, self.payload, rank=settings.lora_rank, alpha=settings.lora_alpha,
@@ -132,6 +137,10 @@ class Method:
     def load_state(self, model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
         load_exchanged_state(model, self.payload, state)
 
+
+#: `downlink-codec` values besides codec names: the method's default, and Flower's dense ArrayRecord (no reference
+#: kept); a method whose `downlink` is OWN sends its own download (FLASC's top-k of its adapter) and takes no other
+AUTO, DENSE, OWN = "auto", "dense", "own"
 
 METHODS: Registry[Method] = Registry("method", "fedge.methods")
 
@@ -176,7 +185,26 @@ def resolve(config: Mapping[str, Any]) -> RunSpec:
         valid = sorted(RunSettings.config_keys()) + [f"{method.name}.{k}" for k in method.options.config_keys()]
         raise ValueError(f"run config keys {sorted(unknown)} are not used by a {method.name} run; "
                          f"valid keys: {', '.join(valid)}")
-    return RunSpec(settings, method, options)
+    spec = RunSpec(settings, method, options)
+    downlink_codec_name(spec)  # refuses a downlink this method cannot send, before the run starts
+    if settings.eval_clients < 0:
+        raise ValueError(f"eval-clients must be 0 (the default sample) or a count, got {settings.eval_clients}")
+    return spec
+
+
+def downlink_codec_name(spec: RunSpec) -> str:
+    """The run's downlink: a codec name, `dense` (Flower's ArrayRecord, as before) or `own` (the method's own)."""
+    name, method = spec.settings.downlink_codec, spec.method
+    if name == AUTO:
+        return method.downlink
+    if method.downlink == OWN:
+        raise ValueError(f"{method.name} sends its own download; downlink-codec must be {AUTO!r} for it, not {name!r}")
+    if name != DENSE and not method.coded_downlink:
+        raise ValueError(f"{method.name} takes dense downloads only (downlink-codec {AUTO!r} or {DENSE!r}), "
+                         f"not {name!r}")
+    if name != DENSE and name not in available_codecs():
+        raise ValueError(f"downlink-codec {name!r} is not a codec; known: {', '.join(available_codecs())}")
+    return name
 
 
 def sampling(settings: RunSettings) -> dict[str, float | int]:

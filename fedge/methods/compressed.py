@@ -16,7 +16,6 @@ the global adapter.
 from __future__ import annotations
 
 import logging
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -27,10 +26,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
+from fedge.aggregation import StreamingMean
 from fedge.codecs import Codec, build_codec
-from fedge.envelope import EnvelopeError, decode_update, encode_update, expected_specs
+from fedge.envelope import EnvelopeError, encode_update
 from fedge.messages import METRICS_RECORD, UPDATE_RECORD, envelope_bytes, envelope_record, scalar
 from fedge.methods.base import Job, Method, RunSpec, register_method, sampling
+from fedge.methods.downlink import CodedDownloads, Downlink, make_downlink
 from fedge.settings import ConfigSection
 from fedge.state import add, from_record, subtract, to_record
 from fedge.training import train_epochs
@@ -133,61 +134,50 @@ def train_compressed(job: Job, msg: Message, context: Context, *, codec: str) ->
 # ---- server ---------------------------------------------------------------------------------------
 
 
-class CompressedFedAvg(FedAvg):
-    """FedAvg of decoded updates, streamed: each envelope is validated and folded into a running sum."""
+class CompressedFedAvg(CodedDownloads, FedAvg):
+    """FedAvg of decoded updates, streamed: each envelope is validated and folded into a running sum
+    (`fedge.aggregation.StreamingMean`); downloads coded when the run says so (`fedge.methods.downlink`)."""
 
-    def __init__(self, *, max_update_bytes: int, **sampling_args: float) -> None:
-        super().__init__(**sampling_args)  # type: ignore[arg-type]
+    def __init__(self, *, max_update_bytes: int, downlink: Downlink | None = None, **sampling_args: float) -> None:
+        super().__init__(downlink=downlink, **sampling_args)
         self.max_update_bytes = max_update_bytes
-        self._current: OrderedDict[str, np.ndarray] | None = None
+        #: the model this round steps from (the mean update is added to it): the global model sent, or with
+        #: coded downloads the global model whose reference the clients trained from (FLASC: its sparse download)
+        self.round_start: OrderedDict[str, np.ndarray] | None = None
         self.rejected: list[dict[str, object]] = []
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._current = from_record(arrays)
+        self.round_start = from_record(arrays)
         return super().configure_train(server_round, arrays, config, grid)
 
     def _weight(self, reply: Message) -> float:
-        weight = scalar(reply.content.metric_records[METRICS_RECORD]["num-examples"])
-        if not math.isfinite(weight) or weight <= 0:
-            raise ValueError(f"num-examples {weight} is not a positive number")
-        return weight
+        return scalar(reply.content.metric_records[METRICS_RECORD]["num-examples"])
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        if self._current is None:
+        if self.round_start is None:
             raise RuntimeError("aggregate_train before configure_train")
-        expected = expected_specs(self._current)
-        total: OrderedDict[str, np.ndarray] | None = None
-        weight_sum, accepted, rejected, update_bytes = 0.0, 0, 0, 0
-        for reply in replies:
+        running = StreamingMean(self.round_start, self.max_update_bytes)
+        rejected = 0
+        for reply in self.tracked(replies):
             if reply.has_error():
                 continue
             node = reply.metadata.src_node_id
             try:
-                weight = self._weight(reply)
-                envelope = envelope_bytes(reply.content, UPDATE_RECORD)
-                update = decode_update(envelope, expected, self.max_update_bytes)
+                running.add(envelope_bytes(reply.content, UPDATE_RECORD), self._weight(reply))
             except (EnvelopeError, ValueError, KeyError, TypeError) as err:
                 rejected += 1
                 reason = getattr(err, "reason", type(err).__name__)
                 self.rejected.append({"round": server_round, "node": node, "reason": reason, "detail": str(err)})
                 log.warning("round %d: refused the update from node %s (%s): %s", server_round, node, reason, err)
-                continue
-            update_bytes += len(envelope)
-            accepted += 1
-            weight_sum += weight
-            if total is None:
-                total = OrderedDict((k, weight * v.astype(np.float64)) for k, v in update.items())
-            else:
-                for k, v in update.items():
-                    total[k] += weight * v
-        metrics = MetricRecord({"accepted": accepted, "rejected": rejected, "envelope-bytes": update_bytes})
-        if total is None:
+        metrics = MetricRecord({"accepted": running.accepted, "rejected": rejected,
+                                "envelope-bytes": running.envelope_bytes})
+        mean = running.mean()
+        if mean is None:
             return None, metrics
-        mean = OrderedDict((k, (v / weight_sum).astype(np.float32)) for k, v in total.items())
-        return to_record(self.apply(self._current, mean)), metrics
+        return to_record(self.apply(self.round_start, mean)), metrics
 
     def apply(self, current: OrderedDict[str, np.ndarray],
               mean_update: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
@@ -196,14 +186,16 @@ class CompressedFedAvg(FedAvg):
 
 
 def _compressed_fedavg(spec: RunSpec, initial: OrderedDict[str, np.ndarray]) -> Strategy:
-    return CompressedFedAvg(max_update_bytes=spec.settings.max_update_bytes, **sampling(spec.settings))
+    return CompressedFedAvg(max_update_bytes=spec.settings.max_update_bytes, downlink=make_downlink(spec, initial),
+                            **sampling(spec.settings))
 
 
 def compressed_method(name: str, codec: str, options: type[ConfigSection], summary: str) -> Method:
     """A LoRA method that uploads its update through `codec` and is averaged by `CompressedFedAvg`."""
     train: Callable[[Job, Message, Context], Message] = lambda job, msg, context: train_compressed(
         job, msg, context, codec=codec)
-    return Method(name, summary, payload="lora", train=train, strategy=_compressed_fedavg, options=options)
+    return Method(name, summary, payload="lora", train=train, strategy=_compressed_fedavg, options=options,
+                  downlink=codec, coded_downlink=True)
 
 
 register_method(compressed_method(

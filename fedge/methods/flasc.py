@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import Strategy
 from fedge.codecs import build_codec
 from fedge.envelope import decode_update, encode_update, expected_specs
 from fedge.messages import CONFIG_RECORD, DOWNLOAD_RECORD, envelope_bytes, envelope_record
-from fedge.methods.base import Method, RunSpec, receive_arrays, register_method, sampling
+from fedge.methods.base import OWN, Method, RunSpec, receive_arrays, register_method, sampling
 from fedge.methods.compressed import CompressedFedAvg, train_compressed
 from fedge.settings import ConfigSection
 from fedge.state import add, subtract
@@ -96,9 +96,9 @@ class FlascStrategy(CompressedFedAvg):
 
     def start_round(self) -> bytes:
         """The round's sparse download; from here on the round steps from the model it rebuilds."""
-        assert self._current is not None, "start_round before configure_train"
-        envelope = encode_download(self._current, self.initial, self.density_down)
-        self._current = decode_download(envelope, self.initial, len(envelope))
+        assert self.round_start is not None, "start_round before configure_train"
+        envelope = encode_download(self.round_start, self.initial, self.density_down)
+        self.round_start = decode_download(envelope, self.initial, len(envelope))
         return envelope
 
     def apply(self, current: OrderedDict[str, np.ndarray],
@@ -129,5 +129,5 @@ register_method(Method(
     "flasc", "FLASC: global top-k of the LoRA update at density d_up, sparse top-k download at d_down, "
              "server SGD (lr 2) or AdamW on the averaged pseudo-gradient, stepping from the downloaded model.",
     payload="lora", train=lambda job, msg, context: train_compressed(job, msg, context, codec="flasc"),
-    strategy=_flasc_strategy, receive=receive_download, options=FlascOptions,
+    strategy=_flasc_strategy, receive=receive_download, options=FlascOptions, downlink=OWN,
 ))

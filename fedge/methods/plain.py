@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedge.messages import ARRAYS_RECORD, METRICS_RECORD, scalar
 from fedge.methods.base import Job, Method, RunSpec, register_method, sampling
+from fedge.methods.downlink import CodedDownloads, make_downlink
 from fedge.state import from_record, to_record
 from fedge.training import train_epochs
 
@@ -56,7 +57,12 @@ def product_gap(previous: dict[str, np.ndarray], clients: list[dict[str, np.ndar
     return float(np.mean(gaps)) if gaps else 0.0
 
 
-class FedITStrategy(FedAvg):
+class CodedFedAvg(CodedDownloads, FedAvg):
+    """Flower's FedAvg, its downloads coded (`fedge.methods.downlink`): the clients' states average to the reference
+    plus their mean update."""
+
+
+class FedITStrategy(CodedFedAvg):
     """Flower's FedAvg over LoRA A and B, with the aggregation gap measured each round."""
 
     _sent: OrderedDict[str, np.ndarray] | None = None
@@ -65,6 +71,9 @@ class FedITStrategy(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         self._sent = from_record(arrays)
         return super().configure_train(server_round, arrays, config, grid)
+
+    def starts_from(self, reference: OrderedDict[str, np.ndarray]) -> None:
+        self._sent = reference
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -81,11 +90,14 @@ class FedITStrategy(FedAvg):
 
 
 def _fedavg(spec: RunSpec, initial: OrderedDict[str, np.ndarray]) -> Strategy:
-    return FedAvg(**sampling(spec.settings))  # type: ignore[arg-type]
+    downlink = make_downlink(spec, initial)
+    if downlink is None:
+        return FedAvg(**sampling(spec.settings))  # type: ignore[arg-type]
+    return CodedFedAvg(downlink=downlink, **sampling(spec.settings))
 
 
 def _fedit(spec: RunSpec, initial: OrderedDict[str, np.ndarray]) -> Strategy:
-    return FedITStrategy(**sampling(spec.settings))  # type: ignore[arg-type]
+    return FedITStrategy(downlink=make_downlink(spec, initial), **sampling(spec.settings))
 
 
 register_method(Method(
@@ -95,9 +107,9 @@ register_method(Method(
 register_method(Method(
     "lora-fedavg", "FedIT: dense fp32 LoRA A and B averaged separately (mean(B)mean(A) != mean(BA); "
                    "the gap is measured each round as lora_product_gap).",
-    payload="lora", train=train_plain, strategy=_fedit,
+    payload="lora", train=train_plain, strategy=_fedit, coded_downlink=True,
 ))
 register_method(Method(
     "ffa-lora", "FFA-LoRA: A frozen at its shared seeded init, only B trained and averaged, so aggregation is exact.",
-    payload="lora-b", train=train_plain, strategy=_fedavg,
+    payload="lora-b", train=train_plain, strategy=_fedavg, coded_downlink=True,
 ))

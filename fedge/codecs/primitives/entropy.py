@@ -143,10 +143,9 @@ def decode_gaps(data: bytes | memoryview, count: int) -> np.ndarray:
     counts, coder = _unpack(data, count)
     uniform = constriction.stream.model.Uniform()
     try:
-        sym = np.asarray(coder.decode(_model(counts), count), dtype=np.int64) if count else np.zeros(0, np.int64)
-        gaps = sym.copy()
-        big = sym >= _EXACT
-        rank = sym[big] - _EXACT
+        gaps = np.asarray(coder.decode(_model(counts), count), dtype=np.int64) if count else np.zeros(0, np.int64)
+        big = gaps >= _EXACT  # below _EXACT a symbol is its gap; above, its bucket, replaced at the end
+        rank = gaps[big] - _EXACT
         exp = (rank >> _PER_OCTAVE_BITS) + _EXACT_BITS
         top = rank & ((1 << _PER_OCTAVE_BITS) - 1)
         nbits = exp - _PER_OCTAVE_BITS
