@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -21,12 +22,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedge.federated_model import count_params
+from fedge.message_timing import append_rows, summarise
 from fedge.messages import METRICS_RECORD, scalar, total_wire_bytes
 from fedge.methods import RunSpec
 from fedge.results import ClientEval, FleetAccuracy, fleet_accuracy, record_method
 from fedge.scenario import load_scenario
 from fedge.server.checkpoints import RunCheckpoints
-from fedge.server.nodes import connected_view, in_partition_order, required_replies, wait_for_nodes
+from fedge.server.nodes import PollingGrid, connected_view, in_partition_order, required_replies, wait_for_nodes
 from fedge.settings import RunSettings
 from fedge.state import from_record, to_record
 
@@ -111,6 +113,8 @@ def train_round(strategy: Strategy, server_round: int, arrays: ArrayRecord, conf
 def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = None) -> FederationOutcome:
     started = time.perf_counter()
     settings, method = spec.settings, spec.method
+    grid = PollingGrid(grid)
+    message_log = Path(settings.out_dir) / f"messages-{method.name}.jsonl"  # one line per reply: its timeline
     scenario = load_scenario(settings.scenario, **settings.scenario_options())
     model = method.build_model(scenario, settings)
     initial = method.exchanged_state(model)
@@ -124,6 +128,8 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
         raise RoundFailed(f"only {len(nodes)} of {settings.num_clients} nodes connected within {settings.node_wait}s")
 
     resumed = checkpoints.resume(strategy)
+    if resumed is None:
+        message_log.unlink(missing_ok=True)  # a fresh run's log holds that run only
     rows: list[dict[str, Any]] = []
     totals = {"uplink_bytes": 0, "downlink_bytes": 0}
     if resumed is not None:
@@ -136,6 +142,7 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
         fleet, first_round = base, 1
         log.info("%s: base accuracy %.4f on %d clients", method.name, base.accuracy, base.clients)
     outcome = FederationOutcome(method=method.name, base=base, rounds=rows)
+    logged = 0  # timings already in the message log
 
     for server_round in range(first_round, settings.num_server_rounds + 1):
         round_started = time.perf_counter()
@@ -161,6 +168,8 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
         if result.metrics is not None:
             row.update({k.replace("-", "_"): scalar(v) for k, v in result.metrics.items() if k != "partition-id"})
         rows.append(row)
+        append_rows(message_log, grid.timings[logged:])
+        logged = len(grid.timings)
         checkpoints.commit(server_round, from_record(arrays), strategy, rows, totals, base, fleet)
         if on_round is not None:
             on_round(method.name, row)
@@ -180,6 +189,8 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
     finish = getattr(strategy, "finish", None)
     if callable(finish):  # a strategy's after-federation step (pFedGate: novel clients join) adds its own fields
         entry.update(finish(grid, arrays, config))
+    append_rows(message_log, grid.timings[logged:])
+    entry["per_message_overhead_s"] = summarise(grid.timings)
     if checkpoints.enabled:
         entry["checkpoint"] = checkpoints.describe(first_round - 1)
     record_method(

@@ -6,13 +6,19 @@ on disk); the rest is the target domain, split among clients by Dirichlet
 label skew and seen by each client through its own camera shift (rotation,
 blur, noise, contrast), so the base model loses accuracy there and adaptation
 has something to win back.
+
+What never changes between messages is cached in `$FEDGE_CACHE` beside the
+base model: the upscaled digits, and each client's shard, so a node's message
+neither imports scikit-learn nor SciPy nor redraws its camera shift.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -21,10 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fedge.atomic_file import atomic_write
 from fedge.scenario import ClientData
 from fedge.sim.partition import dirichlet_partition
 from fedge.sim.shifts import CameraShift
@@ -32,10 +38,38 @@ from fedge.tiers import tier_for
 from fedge.training import train_epochs
 
 IMAGE_SIZE = 32
+#: version of the cached arrays (the upscaled digits, the client shards): change it when the code making them changes
+DATA_VERSION = 1
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("FEDGE_CACHE", Path.home() / ".cache" / "fedge"))
+
+
+def cached_arrays(name: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`cache_dir()/name` (an .npz of named arrays), made by `make()` the first time (any process) and written atomically."""
+    path = cache_dir() / name
+    if path.exists():
+        with np.load(path) as stored:
+            return {k: stored[k] for k in stored.files}
+    arrays: dict[str, np.ndarray] = make()
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buffer.getvalue())
+    return arrays
+
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits upscaled to 32x32 in [0, 1], and their labels."""
+    def make() -> dict[str, np.ndarray]:
+        from sklearn.datasets import load_digits
+
+        raw = load_digits()
+        return {"images": _upscale(raw.images / 16.0), "labels": raw.target.astype(np.int64)}
+
+    arrays = cached_arrays(f"digits-{IMAGE_SIZE}px-v{DATA_VERSION}.npz", make)
+    return arrays["images"], arrays["labels"]
 
 
 def _upscale(images: np.ndarray) -> np.ndarray:
@@ -97,9 +131,7 @@ class DigitsShift:
     # ---- data ------------------------------------------------------------------
     @cached_property
     def _split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        digits = load_digits()
-        images = _upscale(digits.images / 16.0)
-        labels = digits.target.astype(np.int64)
+        images, labels = digits()
         rng = np.random.default_rng(self.seed)
         order = rng.permutation(len(labels))
         n_source = int(self.source_fraction * len(labels))
@@ -116,21 +148,27 @@ class DigitsShift:
     def client_data(self, partition_id: int, num_partitions: int) -> ClientData:
         if not 0 <= partition_id < num_partitions:
             raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
-        _, _, x_t, y_t = self._split
-        parts = dirichlet_partition(y_t, num_partitions, self.alpha, seed=self.seed)
-        idx = parts[partition_id]
-        rng = np.random.default_rng([self.seed, 2, partition_id])
         shift = self.client_shift(partition_id)
-        images = shift.apply(x_t[idx], rng)
-        labels = y_t[idx]
-        order = rng.permutation(len(idx))
-        n_test = max(2, round(self.test_fraction * len(idx)))
-        test, train = order[:n_test], order[n_test:]
 
-        def ds(sel: np.ndarray) -> TensorDataset:
-            return TensorDataset(torch.from_numpy(images[sel][:, None]), torch.from_numpy(labels[sel]))
+        def make() -> dict[str, np.ndarray]:
+            _, _, x_t, y_t = self._split
+            idx = dirichlet_partition(y_t, num_partitions, self.alpha, seed=self.seed)[partition_id]
+            rng = np.random.default_rng([self.seed, 2, partition_id])
+            images, labels = shift.apply(x_t[idx], rng), y_t[idx]
+            order = rng.permutation(len(idx))
+            n_test = max(2, round(self.test_fraction * len(idx)))
+            test, train = order[:n_test], order[n_test:]
+            return {"x_train": images[train], "y_train": labels[train], "x_test": images[test], "y_test": labels[test]}
 
-        return ClientData(train=ds(train), test=ds(test), tier=tier_for(partition_id), shift=shift.to_dict())
+        spec = {"v": DATA_VERSION, "seed": self.seed, "alpha": self.alpha, "src": self.source_fraction,
+                "test": self.test_fraction, "shift": self.shift_strength, "partitions": num_partitions}
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+        shard = cached_arrays(f"{self.name}-client-{key}-{partition_id}.npz", make)
+
+        def ds(split: str) -> TensorDataset:
+            return TensorDataset(torch.from_numpy(shard[f"x_{split}"][:, None]), torch.from_numpy(shard[f"y_{split}"]))
+
+        return ClientData(train=ds("train"), test=ds("test"), tier=tier_for(partition_id), shift=shift.to_dict())
 
     def describe(self, num_partitions: int) -> dict[str, Any]:
         _, y_s, _, y_t = self._split
