@@ -96,7 +96,7 @@ class RuntimeAccess:
         if token is not None:
             interceptors.append(RuntimeTokenHttpInterceptor(token))
         elif self.auth_secret_file:
-            secret = load_superexec_auth_secret(secret_file=self.auth_secret_file)
+            secret = load_superexec_auth_secret(secret_file=self.auth_secret_file) or b""
             interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret,
                                                              protected_methods=_SUPEREXEC_AUTH_METHODS))
         return RuntimeHttpClient.from_server_address(

@@ -91,7 +91,7 @@ def fold_lora(model: nn.Module, state: Mapping[str, np.ndarray], *, rank: int, a
     Linear and ungrouped Conv layers; a state with anything else (another layer type, LoRA B alone,
     another rank) gets None and the caller builds the peft model.
     """
-    pairs: list[tuple[nn.Module, np.ndarray, np.ndarray]] = []
+    pairs: list[tuple[torch.Tensor, np.ndarray, np.ndarray]] = []
     for key, a in state.items():
         if key.endswith(LORA_B) and key[: -len(LORA_B)] + LORA_A in state:
             continue
@@ -102,15 +102,16 @@ def fold_lora(model: nn.Module, state: Mapping[str, np.ndarray], *, rank: int, a
         except AttributeError:
             return None
         foldable = type(layer) is nn.Linear or (type(layer) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and layer.groups == 1)
+        weight = layer.weight if foldable else None
         b = state[key[: -len(LORA_A)] + LORA_B]
-        if not foldable or a.shape[0] != rank or b.shape[:2] != (layer.weight.shape[0], rank):
+        if not isinstance(weight, torch.Tensor) or a.shape[0] != rank or b.shape[:2] != (weight.shape[0], rank):
             return None
-        pairs.append((layer, a, b))
+        pairs.append((weight, a, b))
     scale = alpha / rank
     with torch.no_grad():
-        for layer, a, b in pairs:
+        for weight, a, b in pairs:
             delta = torch.from_numpy(b.reshape(b.shape[0], rank)) @ torch.from_numpy(a.reshape(rank, -1))
-            layer.weight += scale * delta.reshape(layer.weight.shape).to(layer.weight.dtype)
+            weight += scale * delta.reshape(weight.shape).to(weight.dtype)
     return model
 
 

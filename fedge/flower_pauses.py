@@ -71,12 +71,16 @@ class ShorterPauses:
     def idle_pause(self) -> float:
         return min(float(FLOWER_IDLE_PAUSE), self.min_pause * 2 ** self.slow_asks)
 
-    def sleep(self, seconds: float) -> None:
+    def pause_for(self, seconds: float) -> float:
+        """The pause that replaces Flower's `seconds`."""
         if seconds == FLOWER_IDLE_PAUSE:
-            seconds = self.idle_pause()
-        elif seconds == FLOWER_REPLY_PAUSE:
-            seconds = self.reply_pause
-        time.sleep(seconds)
+            return self.idle_pause()
+        if seconds == FLOWER_REPLY_PAUSE:
+            return self.reply_pause
+        return seconds
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(self.pause_for(seconds))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)

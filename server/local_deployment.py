@@ -82,6 +82,8 @@ class LocalDeployment:
     isolation: str = "process"
     #: the long-lived ClientApp process beside each SuperNode (isolation "process"), by the SuperNode's name
     clientapps: dict[str, ChildProcess] = field(default_factory=dict)
+    #: what those processes import before their first message (the nodes train LoRA through peft)
+    preload: tuple[str, ...] = ("peft",)
 
     def __post_init__(self) -> None:
         if self.isolation not in ISOLATION_MODES:
@@ -144,13 +146,16 @@ class LocalDeployment:
         key = key or c.node_keys[partition][0]
         cmd += ["--root-certificates", str(c.ca_cert), "--auth-supernode-private-key", str(key)]
         if self.isolation == "process":
-            cmd += ["--ssl-certfile", str(c.server_cert), "--ssl-keyfile", str(c.server_key)]
+            cmd += ["--ssl-certfile", str(c.server_cert), "--ssl-keyfile", str(c.server_key), "--ssl-ca-certfile",
+                    str(c.ca_cert)]
         return cmd
 
     def clientapp_command(self, runtime_port: int, supernode_pid: int, secret: Path | None = None) -> list[str]:
         """The long-lived ClientApp process of one SuperNode: it leaves when that SuperNode does."""
         cmd = [sys.executable, "-m", "fedge.cli", "clientapp", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
                "--parent-pid", str(supernode_pid)]
+        for module in self.preload:
+            cmd += ["--preload", module]
         if secret is not None:
             cmd += ["--superexec-auth-secret-file", str(secret)]
         if self.credentials is None:
