@@ -53,15 +53,20 @@ def node_data(context: Context, settings: RunSettings) -> ClientData:
     return load_node_data(Path(str(path)), tier, tuple(scenario.sample_shape), scenario.num_classes)
 
 
-def prepare_job(msg: Message, context: Context) -> Job:
+def prepare_job(msg: Message, context: Context, *, training: bool = True) -> Job:
+    """The job of one message; for evaluation, without peft where the method allows (`Method.evaluation_model`)."""
     spec = run_spec(msg)
     settings, method = spec.settings, spec.method
     torch.set_num_threads(max(1, settings.client_threads))
     pid, _ = partition(context)
     scenario = load_scenario(settings.scenario, **settings.scenario_options())
     data = node_data(context, settings)
-    model = method.build_model(scenario, settings)
-    global_state = receive_global(msg, context, method, spec, method.exchanged_state(model))
-    method.load_state(model, global_state)
+    plain = None if training else method.evaluation_model(scenario, settings, msg)
+    if plain is not None:
+        model, global_state = plain
+    else:
+        model = method.build_model(scenario, settings)
+        global_state = receive_global(msg, context, method, spec, method.exchanged_state(model))
+        method.load_state(model, global_state)
     server_round = int(msg.content.config_records.get(CONFIG_RECORD, ConfigRecord()).get(SERVER_ROUND_KEY, 0))
     return Job(spec, pid, data, scenario, model, global_state, server_round, resolve_device(settings.device))

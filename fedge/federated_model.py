@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 from torch import nn
 
 from fedge.scenario import Scenario
@@ -19,6 +20,9 @@ from fedge.state import to_numpy, to_torch
 
 #: what a method trains and exchanges: the whole model, LoRA A and B, or LoRA B only (A frozen)
 PAYLOADS = ("full", "lora", "lora-b")
+#: how peft names an adapted layer's tensors in the exchanged state: PREFIX + layer + ".lora_A.weight"
+PEFT_PREFIX = "base_model.model."
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 
 def build_federated_model(scenario: Scenario, payload: str, *, rank: int, alpha: int, seed: int) -> nn.Module:
@@ -76,6 +80,39 @@ def merged_copy(model: nn.Module) -> nn.Module:
     if callable(merge):
         clone = merge()
     return clone.float().eval().cpu()
+
+
+def fold_lora(model: nn.Module, state: Mapping[str, np.ndarray], *, rank: int, alpha: int) -> nn.Module | None:
+    """`model` (the plain base) with exchanged LoRA state folded into its weights in plain torch, W += (alpha/rank) B A;
+    None where that cannot stand for the peft model.
+
+    What a node that only evaluates runs instead of building the peft model, so it never imports peft
+    (nor, through it, transformers). It matches peft's merge (`merged_copy`) to float rounding for
+    Linear and ungrouped Conv layers; a state with anything else (another layer type, LoRA B alone,
+    another rank) gets None and the caller builds the peft model.
+    """
+    pairs: list[tuple[torch.Tensor, np.ndarray, np.ndarray]] = []
+    for key, a in state.items():
+        if key.endswith(LORA_B) and key[: -len(LORA_B)] + LORA_A in state:
+            continue
+        if not (key.startswith(PEFT_PREFIX) and key.endswith(LORA_A)) or key[: -len(LORA_A)] + LORA_B not in state:
+            return None
+        try:
+            layer = model.get_submodule(key[len(PEFT_PREFIX): -len(LORA_A)])
+        except AttributeError:
+            return None
+        foldable = type(layer) is nn.Linear or (type(layer) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and layer.groups == 1)
+        weight = layer.weight if foldable else None
+        b = state[key[: -len(LORA_A)] + LORA_B]
+        if not isinstance(weight, torch.Tensor) or a.shape[0] != rank or b.shape[:2] != (weight.shape[0], rank):
+            return None
+        pairs.append((weight, a, b))
+    scale = alpha / rank
+    with torch.no_grad():
+        for weight, a, b in pairs:
+            delta = torch.from_numpy(b.reshape(b.shape[0], rank)) @ torch.from_numpy(a.reshape(rank, -1))
+            weight += scale * delta.reshape(weight.shape).to(weight.dtype)
+    return model
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

@@ -27,16 +27,20 @@ def deploy_local(
     timeout: Annotated[float, typer.Option(min=1, help="give up on the run after this many seconds")] = 3600.0,
     node_data: Annotated[Path | None, typer.Option(
         help="folder of node-<i>.npz (`fedge node-data`): each node trains on its own file", exists=True, file_okay=False)] = None,
+    isolation: Annotated[str, typer.Option(help="process: a long-lived ClientApp process per SuperNode (`fedge clientapp`); "
+                                                "subprocess: Flower's stock fresh process per message")] = "process",
 ) -> None:
     """Run one federation on Flower's deployment runtime: a SuperLink and N SuperNodes on loopback, via `flwr run`."""
     from fedge.methods import available_methods, resolve
     from fedge.outputs import DEPLOYMENT, check_out_dir, clear_previous_run
     from fedge.results import final_table, round_table
-    from fedge.server.local_deployment import run_local
+    from fedge.server.local_deployment import ISOLATION_MODES, run_local
 
     if method not in available_methods():
         raise typer.BadParameter(f"unknown method {method!r}; known: {', '.join(available_methods())}",
                                  param_hint="--method")
+    if isolation not in ISOLATION_MODES:
+        raise typer.BadParameter(f"{isolation!r} is not one of {', '.join(ISOLATION_MODES)}", param_hint="--isolation")
     out = check_out_dir(out)
     workdir = check_out_dir(workdir, "--workdir") if workdir is not None else out / DEPLOYMENT
     if node_data is not None:
@@ -55,13 +59,16 @@ def deploy_local(
     if removed:
         console.print(f"{out} held an earlier run: replaced its {', '.join(removed)}")
     with progress_bars():
-        results = run_local(workdir, clients, config, secure=secure, timeout=timeout, node_data=node_data)
+        results = run_local(workdir, clients, config, secure=secure, timeout=timeout, node_data=node_data,
+                            isolation=isolation)
     console.print(round_table(method, results["methods"][method]["rounds"]))
     console.print(final_table(results))
     dep = results["deployment"]
+    overhead = dep["per_message_overhead_s"]
     console.print(f"run {dep['run_id']} {dep['status']} in {dep['seconds']:.0f}s; Flower counted "
                   f"{dep['flower_network_bytes'].get('total-bytes', 0) / 1e6:.2f} MB on the network; "
-                  f"wrote {out / 'results.json'}")
+                  f"per-message overhead median {overhead.get('median', 0):.2f}s, max {overhead.get('max', 0):.2f}s "
+                  f"over {overhead.get('count', 0)} messages; wrote {out / 'results.json'}")
 
 
 def certs(

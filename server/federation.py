@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -24,12 +25,13 @@ from flwr.serverapp.strategy import Strategy
 
 from fedge.errors import UserError
 from fedge.federated_model import count_params
+from fedge.message_timing import append_rows, summarise
 from fedge.messages import METRICS_RECORD, scalar, total_wire_bytes
 from fedge.methods import RunSpec
 from fedge.results import ClientEval, FleetAccuracy, fleet_accuracy
 from fedge.scenario import load_scenario
 from fedge.server.checkpoints import RunCheckpoints
-from fedge.server.nodes import connected_view, in_partition_order, required_replies, wait_for_nodes
+from fedge.server.nodes import PollingGrid, connected_view, in_partition_order, required_replies, wait_for_nodes
 from fedge.settings import RunSettings
 from fedge.state import from_record, to_record
 
@@ -133,6 +135,8 @@ def train_round(strategy: Strategy, server_round: int, arrays: ArrayRecord, conf
 def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = None) -> FederationOutcome:
     started = time.perf_counter()
     settings, method = spec.settings, spec.method
+    grid = PollingGrid(grid)
+    message_log = Path(settings.out_dir) / f"messages-{method.name}.jsonl"  # one line per reply: its timeline
     scenario = load_scenario(settings.scenario, **settings.scenario_options())
     model = method.build_model(scenario, settings)
     initial = method.exchanged_state(model)
@@ -147,6 +151,8 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
                           "start the missing SuperNodes, or lower num-clients")
 
     resumed = checkpoints.resume(strategy)
+    if resumed is None:
+        message_log.unlink(missing_ok=True)  # a fresh run's log holds that run only
     rows: list[dict[str, Any]] = []
     totals = {"uplink_bytes": 0, "downlink_bytes": 0}
     if resumed is not None:
@@ -159,6 +165,7 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
         fleet, first_round = base, 1
         log.info("%s: base accuracy %.4f on %d clients", method.name, base.accuracy, base.clients)
     outcome = FederationOutcome(method=method.name, base=base, rounds=rows)
+    logged = 0  # timings already in the message log
 
     panel = evaluation_panel(settings, nodes)
     if panel is not None:
@@ -195,6 +202,8 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
         rows.append(row)
         log.info(ROUND_LINE, method.name, server_round, settings.num_server_rounds, fleet.accuracy,
                  result.uplink / 1e3, result.downlink / 1e3, result.replies, result.sent)
+        append_rows(message_log, grid.timings[logged:])
+        logged = len(grid.timings)
         checkpoints.commit(server_round, from_record(arrays), strategy, rows, totals, base, fleet)
         if on_round is not None:
             on_round(method.name, row)
@@ -214,6 +223,8 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
     finish = getattr(strategy, "finish", None)
     if callable(finish):  # a strategy's after-federation step (pFedGate: novel clients join) adds its own fields
         entry.update(finish(grid, arrays, config))
+    append_rows(message_log, grid.timings[logged:])
+    entry["per_message_overhead_s"] = summarise(grid.timings)
     if checkpoints.enabled:
         entry["checkpoint"] = checkpoints.describe(first_round - 1)
     outcome.entry = entry

@@ -5,16 +5,24 @@ Every piece is Flower's own binary (`flower-superlink`, `flower-supernode`,
 real sockets, exactly as on separate machines; only the addresses are local.
 Each process is started in its own session so that stopping it also stops the
 SuperExec and ServerApp/ClientApp processes Flower spawns under it.
+
+Two ways to run a node's ClientApp (`isolation`):
+- `process` (default): the SuperNode runs with `--isolation process` and a
+  long-lived ClientApp process (`fedge clientapp`, `fedge.client.worker`) beside
+  it serves its messages, so a message costs its work, not a Python start-up;
+- `subprocess`: Flower's stock mode, a fresh `flwr-clientapp` process per message.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +42,10 @@ FINISHED = "finished"
 BINARIES = ("flower-superlink", "flower-supernode", "flwr")
 #: what a deployment keeps in its workdir; a new deployment there removes them first (each run owns its state)
 STATE = ("state.db", "state.db-shm", "state.db-wal", "state.db-journal", "logs", "flwr-home", "certs")
+#: how a SuperNode runs its ClientApp: one long-lived process beside it, or Flower's process per message
+ISOLATION_MODES = ("process", "subprocess")
+#: how often Flower's SuperExec asks for tasks in subprocess mode (Flower's default: 1 s)
+SUPEREXEC_POLL = "0.1"
 
 
 def free_port() -> int:
@@ -102,8 +114,15 @@ class LocalDeployment:
     credentials: Credentials | None = None
     #: a folder of node-<i>.npz files: each SuperNode trains on its own file (node config `data-path`)
     node_data: Path | None = None
+    isolation: str = "process"
+    #: the long-lived ClientApp process beside each SuperNode (isolation "process"), by the SuperNode's name
+    clientapps: dict[str, ChildProcess] = field(default_factory=dict)
+    #: what those processes import before their first message (the nodes train LoRA through peft)
+    preload: tuple[str, ...] = ("peft",)
 
     def __post_init__(self) -> None:
+        if self.isolation not in ISOLATION_MODES:
+            raise ValueError(f"isolation must be one of {ISOLATION_MODES}, not {self.isolation!r}")
         self.workdir = Path(self.workdir).resolve()
         for name in (*STATE, *(p.name for p in self.workdir.glob("run-config-*.toml"))):
             target = self.workdir / name
@@ -120,7 +139,8 @@ class LocalDeployment:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({"FLWR_HOME": str(self.flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"})
+        env.update({"FLWR_HOME": str(self.flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL})
         return env
 
     def _write_connection(self) -> None:
@@ -148,15 +168,37 @@ class LocalDeployment:
             config += f" data-path='{(Path(self.node_data) / f'node-{partition}.npz').resolve()}'"
         return config
 
-    def supernode_command(self, partition: int, key: Path | None = None, max_retries: int | None = None) -> list[str]:
-        cmd = ["flower-supernode", "--superlink", f"127.0.0.1:{self.fleet_port}", "--port", str(free_port()),
-               "--node-config", self.node_config(partition)]
+    def supernode_command(self, partition: int, runtime_port: int, key: Path | None = None,
+                          max_retries: int | None = None, secret: Path | None = None) -> list[str]:
+        """`flower-supernode`; in process isolation its Runtime API (TLS when secure) waits for `fedge clientapp`."""
+        launcher = ["flower-supernode"] if self.isolation == "subprocess" else [sys.executable, "-m", "fedge.cli", "supernode"]
+        cmd = [*launcher, "--superlink", f"127.0.0.1:{self.fleet_port}", "--port", str(runtime_port),
+               "--node-config", self.node_config(partition), "--isolation", self.isolation]
         if max_retries is not None:
             cmd += ["--max-retries", str(max_retries)]
+        if self.isolation == "process" and secret is not None:
+            cmd += ["--superexec-auth-secret-file", str(secret)]
         if self.credentials is None:
             return [*cmd, "--insecure"]
-        key = key or self.credentials.node_keys[partition][0]
-        return [*cmd, "--root-certificates", str(self.credentials.ca_cert), "--auth-supernode-private-key", str(key)]
+        c = self.credentials
+        key = key or c.node_keys[partition][0]
+        cmd += ["--root-certificates", str(c.ca_cert), "--auth-supernode-private-key", str(key)]
+        if self.isolation == "process":
+            cmd += ["--ssl-certfile", str(c.server_cert), "--ssl-keyfile", str(c.server_key), "--ssl-ca-certfile",
+                    str(c.ca_cert)]
+        return cmd
+
+    def clientapp_command(self, runtime_port: int, supernode_pid: int, secret: Path | None = None) -> list[str]:
+        """The long-lived ClientApp process of one SuperNode: it leaves when that SuperNode does."""
+        cmd = [sys.executable, "-m", "fedge.cli", "clientapp", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+               "--parent-pid", str(supernode_pid)]
+        for module in self.preload:
+            cmd += ["--preload", module]
+        if secret is not None:
+            cmd += ["--superexec-auth-secret-file", str(secret)]
+        if self.credentials is None:
+            return [*cmd, "--insecure"]
+        return [*cmd, "--root-certificates", str(self.credentials.ca_cert)]
 
     # ---- processes ----
 
@@ -192,8 +234,18 @@ class LocalDeployment:
         name = name or f"supernode-{partition}"
         if name in self.nodes and self.nodes[name].alive():
             raise RuntimeError(f"{name} is already running")
-        proc = self._spawn(name, self.supernode_command(partition, key, max_retries))
+        runtime_port = free_port()
+        secret = None
+        if self.isolation == "process":  # the Runtime API then answers only whoever holds this node's secret
+            secret = self.workdir / "secrets" / f"{name}.secret"
+            secret.parent.mkdir(parents=True, exist_ok=True)
+            secret.write_bytes(secrets.token_bytes(32))
+            secret.chmod(0o600)
+        proc = self._spawn(name, self.supernode_command(partition, runtime_port, key, max_retries, secret))
         self.nodes[name] = proc
+        if self.isolation == "process":
+            self.clientapps[name] = self._spawn(f"{name}-clientapp",
+                                                self.clientapp_command(runtime_port, proc.popen.pid, secret))
         return proc
 
     def start(self) -> LocalDeployment:
@@ -209,7 +261,7 @@ class LocalDeployment:
             self.superlink.stop(sig=sig)
 
     def stop(self) -> None:
-        for proc in [*self.followers, *self.nodes.values()]:
+        for proc in [*self.followers, *self.clientapps.values(), *self.nodes.values()]:
             proc.stop()
         self.stop_superlink()
 
@@ -311,11 +363,13 @@ def failure_reason(log: str) -> str:
 
 
 def run_local(workdir: str | Path, num_nodes: int, run_config: dict[str, Any], *, secure: bool = False,
-              timeout: float = 3600.0, app_dir: str | Path | None = None, node_data: Path | None = None) -> dict[str, Any]:
+              timeout: float = 3600.0, app_dir: str | Path | None = None, node_data: Path | None = None,
+              isolation: str = "process") -> dict[str, Any]:
     """Start the deployment, run the federation through `flwr run`, wait, stop everything; results.json's content.
 
     The run's results.json (written by the ServerApp into `out-dir`) gains a
-    `deployment` entry: run id, final status, Flower's own network byte count.
+    `deployment` entry: run id, final status, Flower's own network byte count,
+    the per-message overhead (median and max) and where the logs are.
     Output folders inside the app that Flower would package are refused before
     anything starts.
     """
@@ -332,7 +386,8 @@ def run_local(workdir: str | Path, num_nodes: int, run_config: dict[str, Any], *
     started = time.perf_counter()
     task = f"SuperLink + {num_nodes} SuperNodes"
     report(task, 0, 2, "starting")
-    deployment = LocalDeployment(Path(workdir), num_nodes, app_dir=app, secure=secure, node_data=node_data)
+    deployment = LocalDeployment(Path(workdir), num_nodes, app_dir=app, secure=secure, node_data=node_data,
+                                 isolation=isolation)
     with deployment:
         deployment.start()
         report(task, 1, 2, "submitting the run (`flwr run`)")
@@ -340,17 +395,21 @@ def run_local(workdir: str | Path, num_nodes: int, run_config: dict[str, Any], *
         report(task, 2, 2, f"run {run_id}")
         follower = deployment.follow(run_id)
         info = deployment.wait(run_id, timeout, run_log=follower.log)
+        server_log = follower.output() or deployment.logs_of(run_id)  # a line per message with its timeline
+        (deployment.logs / "serverapp.log").write_text(server_log)
         if info.get("status") != f"{FINISHED}:completed":
-            log = follower.output() or deployment.logs_of(run_id)
-            raise UserError(f"run {run_id} ended {info.get('status')}: {failure_reason(log)}",
+            raise UserError(f"run {run_id} ended {info.get('status')}: {failure_reason(server_log)}",
                             f"its whole log: {follower.log}")
     results = load_results(out_dir)
+    method = results.get("methods", {}).get(str(run_config.get("method", "")), {})
     results["deployment"] = {
         "run_id": run_id,
         "status": info.get("status"),
         "supernodes": num_nodes,
         "secure": secure,
+        "isolation": isolation,
         "flower_network_bytes": info.get("network-traffic", {}),
+        "per_message_overhead_s": method.get("per_message_overhead_s", {}),
         "seconds": time.perf_counter() - started,
         "logs": str(deployment.logs),
     }

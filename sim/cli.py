@@ -320,6 +320,45 @@ def bench_edge(
         json_out.write_text(json.dumps(result, indent=2, default=str))
 
 
+@bench_app.command("fleet")
+def bench_fleet(
+    method: str = "fedzip",
+    clients: Annotated[int, typer.Option(help="simulated clients = SuperNodes")] = 3,
+    rounds: int = 3,
+    local_epochs: int = 1,
+    repeats: Annotated[int, typer.Option(help="runs per mode, alternating between modes")] = 1,
+    modes: Annotated[str, typer.Option(help="simulation plus deployed modes: process (a long-lived ClientApp per "
+                                             "SuperNode), subprocess (Flower's process per message)")] = "simulation,process",
+    workdir: Annotated[Path | None, typer.Option(help="where runs keep their outputs and logs (default: a temporary folder)")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the result here")] = None,
+) -> None:
+    """A deployed round (SuperLink + SuperNodes on loopback) against a simulated round of the same configuration."""
+    from fedge.methods import available_methods
+    from fedge.sim.bench_fleet import MODES, print_fleet_bench
+    from fedge.sim.bench_fleet import bench_fleet as run_bench
+
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    if method not in available_methods():
+        raise typer.BadParameter(f"unknown method {method!r}", param_hint="--method")
+    if "simulation" not in chosen or any(m not in MODES for m in chosen):
+        raise typer.BadParameter(f"give simulation and any of {', '.join(MODES[1:])}", param_hint="--modes")
+    with progress_bars() as progress:
+        task = progress.add_task("fleet bench", total=len(chosen) * repeats, note="")
+        started = []
+
+        def step(what: str) -> None:
+            if started:
+                progress.advance(task)
+            started.append(what)
+            progress.update(task, description=what)
+
+        result = run_bench(method, clients, rounds, local_epochs, repeats, chosen, workdir, on_step=step)
+        progress.update(task, completed=len(chosen) * repeats, description="fleet bench done")
+    print_fleet_bench(result, console=console)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2, default=str))
+
+
 def register(app: typer.Typer) -> None:
     app.command()(run)
     app.command()(methods)

@@ -24,16 +24,22 @@ from a train pool and test images from a disjoint test pool of the target
 domain, so no test image is ever trained on, by any client, through any
 camera. Such a fleet's test set is large by itself (1,000 clients: 10,000
 samples, each pool image seen through some 30 cameras), so its clients take
-each test image once: evaluating a thousand clients is costly enough. Up to `MAX_DISJOINT_CLIENTS` the shards are today's disjoint Dirichlet
-partition, so existing figures stay comparable. Either way a client's data is
-built when it is asked for, one client at a time.
+each test image once: evaluating a thousand clients is costly enough. Up to
+`MAX_DISJOINT_CLIENTS` the shards are the disjoint Dirichlet partition. Either
+way a client's data is built when it is asked for, one client at a time.
+
+What never changes between messages is cached in `$FEDGE_CACHE` beside the
+base model: the upscaled digits, and each client's shard, so a node's message
+neither imports scikit-learn nor SciPy nor redraws its camera shift.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -42,10 +48,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fedge.atomic_file import atomic_write
 from fedge.progress import report
 from fedge.scenario import ClientData
 from fedge.sim.partition import dirichlet_draw, dirichlet_partition
@@ -60,10 +66,38 @@ TEST_DRAWS = 8
 MAX_DISJOINT_CLIENTS = 50
 #: a drawn shard's images (about what each client holds at MAX_DISJOINT_CLIENTS disjoint clients)
 DRAWN_TRAIN, DRAWN_TEST = 22, 10
+#: version of the cached arrays (the upscaled digits, the client shards): change it when the code making them changes
+DATA_VERSION = 2
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("FEDGE_CACHE", Path.home() / ".cache" / "fedge"))
+
+
+def cached_arrays(name: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`cache_dir()/name` (an .npz of named arrays), made by `make()` the first time (any process) and written atomically."""
+    path = cache_dir() / name
+    if path.exists():
+        with np.load(path) as stored:
+            return {k: stored[k] for k in stored.files}
+    arrays: dict[str, np.ndarray] = make()
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, buffer.getvalue())
+    return arrays
+
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits upscaled to 32x32 in [0, 1], and their labels."""
+    def make() -> dict[str, np.ndarray]:
+        from sklearn.datasets import load_digits
+
+        raw = load_digits()
+        return {"images": _upscale(raw.images / 16.0), "labels": raw.target.astype(np.int64)}
+
+    arrays = cached_arrays(f"digits-{IMAGE_SIZE}px-v{DATA_VERSION}.npz", make)
+    return arrays["images"], arrays["labels"]
 
 
 def _upscale(images: np.ndarray) -> np.ndarray:
@@ -125,9 +159,7 @@ class DigitsShift:
     # ---- data ------------------------------------------------------------------
     @cached_property
     def _split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        digits = load_digits()
-        images = _upscale(digits.images / 16.0)
-        labels = digits.target.astype(np.int64)
+        images, labels = digits()
         rng = np.random.default_rng(self.seed)
         order = rng.permutation(len(labels))
         n_source = int(self.source_fraction * len(labels))
@@ -160,31 +192,37 @@ class DigitsShift:
     def client_data(self, partition_id: int, num_partitions: int) -> ClientData:
         if not 0 <= partition_id < num_partitions:
             raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
-        _, _, x_t, y_t = self._split
         shift = self.client_shift(partition_id)
-        if self.drawn(num_partitions):
-            rng = np.random.default_rng([self.seed, 4, partition_id])
-            train_pool, test_pool = self._pools
-            train = train_pool[dirichlet_draw(y_t[train_pool], DRAWN_TRAIN, self.alpha, rng)]
-            test = test_pool[dirichlet_draw(y_t[test_pool], DRAWN_TEST, self.alpha, rng)]
-            train_x, test_x = shift.apply(x_t[train], rng), shift.apply(x_t[test], rng)
-        else:
-            idx = dirichlet_partition(y_t, num_partitions, self.alpha, seed=self.seed)[partition_id]
-            rng = np.random.default_rng([self.seed, 2, partition_id])
-            images = shift.apply(x_t[idx], rng)
-            order = rng.permutation(len(idx))
-            n_test = max(2, round(self.test_fraction * len(idx)))
-            train, test = idx[order[n_test:]], idx[order[:n_test]]
-            train_x, test_x = images[order[n_test:]], images[order[:n_test]]
-        takes, count = np.random.default_rng([self.seed, 3, partition_id]), self.test_takes(num_partitions)
-        test_x = np.concatenate([test_x, *(shift.jittered(takes).apply(x_t[test], takes) for _ in range(count - 1))])
-        test_y = np.tile(y_t[test], count)
 
-        def ds(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-            return TensorDataset(torch.from_numpy(x[:, None]), torch.from_numpy(y))
+        def make() -> dict[str, np.ndarray]:
+            _, _, x_t, y_t = self._split
+            if self.drawn(num_partitions):
+                rng = np.random.default_rng([self.seed, 4, partition_id])
+                train_pool, test_pool = self._pools
+                train = train_pool[dirichlet_draw(y_t[train_pool], DRAWN_TRAIN, self.alpha, rng)]
+                test = test_pool[dirichlet_draw(y_t[test_pool], DRAWN_TEST, self.alpha, rng)]
+                train_x, test_x = shift.apply(x_t[train], rng), shift.apply(x_t[test], rng)
+            else:
+                idx = dirichlet_partition(y_t, num_partitions, self.alpha, seed=self.seed)[partition_id]
+                rng = np.random.default_rng([self.seed, 2, partition_id])
+                images = shift.apply(x_t[idx], rng)
+                order = rng.permutation(len(idx))
+                n_test = max(2, round(self.test_fraction * len(idx)))
+                train, test = idx[order[n_test:]], idx[order[:n_test]]
+                train_x, test_x = images[order[n_test:]], images[order[:n_test]]
+            takes, count = np.random.default_rng([self.seed, 3, partition_id]), self.test_takes(num_partitions)
+            test_x = np.concatenate([test_x, *(shift.jittered(takes).apply(x_t[test], takes) for _ in range(count - 1))])
+            return {"x_train": train_x, "y_train": y_t[train], "x_test": test_x, "y_test": np.tile(y_t[test], count)}
 
-        return ClientData(train=ds(train_x, y_t[train]), test=ds(test_x, test_y), tier=tier_for(partition_id),
-                          shift=shift.to_dict())
+        spec = {"v": DATA_VERSION, "seed": self.seed, "alpha": self.alpha, "src": self.source_fraction,
+                "test": self.test_fraction, "shift": self.shift_strength, "partitions": num_partitions}
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+        shard = cached_arrays(f"{self.name}-client-{key}-{partition_id}.npz", make)
+
+        def ds(split: str) -> TensorDataset:
+            return TensorDataset(torch.from_numpy(shard[f"x_{split}"][:, None]), torch.from_numpy(shard[f"y_{split}"]))
+
+        return ClientData(train=ds("train"), test=ds("test"), tier=tier_for(partition_id), shift=shift.to_dict())
 
     def _shard_sizes(self, num_partitions: int) -> list[tuple[int, int]]:
         """(train, test images) of every client, without building any client's data."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import ndimage
 
 #: how far one take of a camera's angle strays from its mounting angle
 ROTATION_JITTER_DEG = 4.0
@@ -39,6 +38,8 @@ class CameraShift:
 
     def apply(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """images: (N, H, W) in [0, 1]; returns float32 (N, H, W)."""
+        from scipy import ndimage  # here, not at import: a node reading its cached shard never needs SciPy
+
         out = ndimage.rotate(images, self.rotation_deg, axes=(1, 2), reshape=False, order=1, mode="constant")
         out = ndimage.gaussian_filter(out, sigma=(0, self.blur_sigma, self.blur_sigma))
         out = (out - 0.5) * self.contrast + 0.5

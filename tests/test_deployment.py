@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 
 from fedge.client.node_data import save_node_data
 from fedge.processes import ChildProcess
-from fedge.server.local_deployment import CONNECTION, LocalDeployment
+from fedge.server.local_deployment import CONNECTION, LocalDeployment, run_local
 
 pytestmark = [
     pytest.mark.slow,
@@ -55,8 +56,22 @@ def method_entry(out: Path, method: str) -> dict[str, Any]:
 
 def finish(dep: LocalDeployment, run_id: int) -> dict[str, Any]:
     info = dep.wait(run_id, RUN_TIMEOUT)
-    assert info["status"] == "finished:completed", dep.logs_of(run_id)[-3000:]
+    server_log = dep.logs_of(run_id)
+    (dep.logs / f"serverapp-{run_id}.log").write_text(server_log)  # kept with the test's other logs
+    assert info["status"] == "finished:completed", server_log[-3000:]
     return info
+
+
+def message_rows(out: Path, method: str) -> list[dict[str, Any]]:
+    """The per-message log: one row per reply with its timeline and the ClientApp process that served it."""
+    return [json.loads(line) for line in (out / f"messages-{method}.jsonl").read_text().splitlines()]
+
+
+def serving_process(dep: LocalDeployment, node: str) -> psutil.Process:
+    """The process that serves `node`'s messages: the child of its `fedge clientapp` supervisor."""
+    supervisor = psutil.Process(dep.clientapps[node].popen.pid)
+    wait_for(lambda: bool(supervisor.children()), 60, f"{node}'s ClientApp process")
+    return supervisor.children()[0]
 
 
 def test_three_supernodes_two_rounds_survive_a_killed_node(tmp_path: Path) -> None:
@@ -67,14 +82,24 @@ def test_three_supernodes_two_rounds_survive_a_killed_node(tmp_path: Path) -> No
     out = tmp_path / "out"
     with LocalDeployment(tmp_path / "fleet", num_nodes=3) as dep:
         dep.start()
-        run_id = dep.submit(small_run(out, 3, method="fedzip", **{"round-timeout": 45.0, "min-replies": 0.5}))
+        crashed = serving_process(dep, "supernode-1")
+        crashed.kill()  # node 1's long-lived ClientApp process dies: its supervisor starts another
+        wait_for(lambda: dep.clientapps["supernode-1"].output().count("started") == 2, 60, "a new ClientApp process")
+        run_id = dep.submit(small_run(out, 3, method="fedzip", **{"round-timeout": 30.0, "min-replies": 0.5}))
         victim = dep.nodes["supernode-2"]
         wait_for(lambda: log_has(victim, "Receiving: train message"), 300, "round 1 to reach supernode-2")
         victim.stop(sig=signal.SIGKILL)  # a crash: no deactivation, the SuperLink only sees silence
         rejoined = dep.start_supernode(2, name="supernode-2-rejoined")
+        wait_for(lambda: not dep.clientapps["supernode-2"].alive(), 30, "the dead node's ClientApp process to leave")
         info = finish(dep, run_id)
         assert log_has(rejoined, "Receiving: train message")
+    rows = message_rows(out, "fedzip")
+    assert crashed.pid not in {r["process_id"] for r in rows}
+    assert max(r["process_messages"] for r in rows) >= 4  # one process served a node's messages, round after round
     entry = method_entry(out, "fedzip")
+    overhead = entry["per_message_overhead_s"]
+    assert overhead["count"] == len(rows) >= 12 and 0 < overhead["median"] <= overhead["max"]
+    assert overhead["most_messages_per_process"] >= 4
     rounds = entry["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[0]["sent"] == 3 and rounds[0]["clients"] == 2
@@ -84,8 +109,22 @@ def test_three_supernodes_two_rounds_survive_a_killed_node(tmp_path: Path) -> No
     assert info["network-traffic"]["total-bytes"] > 0
 
 
+def changed_app(app_dir: Path, where: Path) -> Path:
+    """A copy of the Flower app whose bundle differs from the original's (another FAB hash)."""
+    copy = where / "app"
+    shutil.copytree(app_dir, copy, symlinks=True,
+                    ignore=shutil.ignore_patterns(".git", "tests", "__pycache__", "*.egg-info", ".*cache"))
+    with open(copy / "client" / "app.py", "a") as app:
+        app.write("\n# the next release\n")
+    return copy
+
+
 def test_server_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
-    """The SuperLink (with its ServerApp) is killed after round 1; a new `flwr run` finishes round 2 only."""
+    """The SuperLink (with its ServerApp) is killed after round 1; a new `flwr run` finishes round 2 only.
+
+    The second `flwr run` ships a changed app bundle: each node's long-lived ClientApp process restarts
+    itself in place (same process id, a fresh interpreter) to run the new code.
+    """
     out = tmp_path / "out"
     config = small_run(out, 2, method="flasc", **{"round-timeout": 240.0})
     manifests = out / "checkpoints"
@@ -103,8 +142,16 @@ def test_server_restart_resumes_from_checkpoint(tmp_path: Path) -> None:
         assert json.loads(next(manifests.glob("*/checkpoint.json")).read_text())["server_round"] == 1
 
         dep.start_superlink()
+        dep.app_dir = changed_app(dep.app_dir, tmp_path)
         run_id = dep.submit(config)
         finish(dep, run_id)
+        assert all("restarting for a task of app bundle" in p.output() for p in dep.clientapps.values())
+    rows = message_rows(out, "flasc")
+    for node in {r["node"] for r in rows}:
+        before = [r for r in rows if r["node"] == node and r["server_round"] <= 1]
+        after = [r for r in rows if r["node"] == node and r["server_round"] == 2]
+        assert {r["process_id"] for r in before} == {r["process_id"] for r in after}  # restarted in place
+        assert after[0]["process_messages"] == 1 < before[-1]["process_messages"]
     entry = method_entry(out, "flasc")
     rows = entry["rounds"]
     assert [r["round"] for r in rows] == [1, 2]
@@ -139,3 +186,16 @@ def test_tls_and_supernode_authentication(tmp_path: Path, digits) -> None:
         assert "lacks y_test" in dep.logs_of(run_id)
     rounds = method_entry(out, "lora-fedavg")["rounds"]
     assert [r["round"] for r in rounds] == [1] and rounds[0]["clients"] == 1
+
+
+def test_flowers_process_per_message_isolation(tmp_path: Path) -> None:
+    """`deploy-local --isolation subprocess`: Flower's stock mode, a fresh ClientApp process for every message."""
+    out = tmp_path / "out"
+    results = run_local(tmp_path / "fleet", 1, small_run(out, 1, method="lora-fedavg", **{"num-server-rounds": 1}),
+                        isolation="subprocess", timeout=RUN_TIMEOUT)
+    deployment = results["deployment"]
+    assert deployment["status"] == "finished:completed" and deployment["isolation"] == "subprocess"
+    overhead = deployment["per_message_overhead_s"]
+    assert overhead["count"] == 3 and overhead["most_messages_per_process"] == 1  # base, training, evaluation
+    assert all(r["process_messages"] == 1 for r in message_rows(out, "lora-fedavg"))
+    assert "push->work" in (Path(deployment["logs"]) / "serverapp.log").read_text()

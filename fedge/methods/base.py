@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from fedge.codecs import available_codecs
-from fedge.federated_model import build_federated_model, exchanged_state, load_exchanged_state
+from fedge.federated_model import build_federated_model, exchanged_state, fold_lora, load_exchanged_state
 from fedge.messages import ARRAYS_RECORD, METRICS_RECORD, SERVER_ROUND_KEY
 from fedge.registry import Registry
 from fedge.scenario import SCENARIOS, ClientData, Scenario
@@ -136,6 +136,18 @@ class Method:
 
     def load_state(self, model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
         load_exchanged_state(model, self.payload, state)
+
+    def evaluation_model(self, scenario: Scenario, settings: RunSettings,
+                         msg: Message) -> tuple[nn.Module, OrderedDict[str, np.ndarray]] | None:
+        """The model an evaluate message describes, built without peft: the base with the message's dense LoRA
+        state folded in, and that state; None where the federated model must be built (the method evaluates
+        in its own way, exchanges LoRA B only, or a layer does not fold).
+        """
+        if self.payload != "lora" or self.evaluate is not evaluate_global or ARRAYS_RECORD not in msg.content.array_records:
+            return None
+        state = from_record(msg.content.array_records[ARRAYS_RECORD])
+        model = fold_lora(scenario.base_model(), state, rank=settings.lora_rank, alpha=settings.lora_alpha)
+        return None if model is None else (model, state)
 
 
 #: `downlink-codec` values besides codec names: the method's default, and Flower's dense ArrayRecord (no reference
