@@ -21,6 +21,7 @@ from fedge.edge.export import accuracy
 from fedge.edge.fleet import DeployError, deploy_to_edge
 from fedge.edge.registry import Registry, start
 from fedge.errors import UserError
+from fedge.training import evaluate
 
 pytestmark = pytest.mark.slow
 
@@ -104,9 +105,10 @@ def test_deploy_to_edge_reaches_every_device(tmp_path: Path) -> None:
     with torch.no_grad():
         weaker.fc2.weight.copy_(weaker.fc2.weight.roll(1, dims=0))
         weaker.fc2.bias.copy_(weaker.fc2.bias.roll(1))
-    again = deploy_to_edge(weaker, target_data(), devices=2, workdir=tmp_path)
-    assert again["deployed"] == 2 and again["artifact"]["version"] == 1
-    assert again["accuracy"] < report["accuracy"] - 0.5
+    again = deploy_to_edge(weaker, target_data(), devices=2, workdir=tmp_path, precisions=["fp32", "fp32"])
+    assert again["deployed"] == 2 and again["artifact"]["version"] == 1 and again["formats_served"] == {"fp32": 2}
+    assert again["accuracy"] == pytest.approx(evaluate(weaker, target_data(), device=torch.device("cpu")).accuracy,
+                                              abs=1e-9)
     assert again["artifact"]["sha256"] != artifact["sha256"]
 
 
