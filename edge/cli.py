@@ -27,16 +27,22 @@ def export_cmd(
     out: Annotated[Path, typer.Option(help="folder for model.onnx, model.int8.onnx, model.fp16.onnx, export.json")] = Path("fedge-out/export"),
     scenario: str = "digits-shift",
     weights: Annotated[Path | None, typer.Option(help="state dict (.safetensors or torch) to load into the model")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="a peft adapter folder to merge in (a run's OUT/adapters/METHOD)")] = None,
     int8_mode: Annotated[str, typer.Option(help="qdq (calibrated, TensorRT-ready) or dynamic")] = "qdq",
     fp16: Annotated[bool, typer.Option(help="also write an FP16 variant")] = True,
 ) -> None:
-    """Export a model to ONNX (checked against PyTorch), with INT8 and FP16 variants."""
+    """Export a model to ONNX (checked against PyTorch), with INT8 and FP16 variants (a causal LM: fp32 and INT8)."""
     from fedge.edge.export import export
 
-    report = export(out, scenario=scenario, weights=weights, int8_mode=int8_mode, fp16=fp16)
+    report = export(out, scenario=scenario, weights=weights, int8_mode=int8_mode, fp16=fp16, adapter=adapter)
+    if report.get("task") == "causal-lm":
+        quality = (f"perplexity {report['fp32_perplexity']:.2f} (next-token acc {report['fp32_next_token_accuracy']:.4f}); "
+                   f"int8 {report['int8_bytes_ratio']:.1%} of fp32, perplexity {report['int8_perplexity']:.2f}")
+    else:
+        quality = (f"acc {report['fp32_accuracy']:.4f}; int8 {report['int8_bytes_ratio']:.1%} of fp32, acc "
+                   f"{report['int8_accuracy']:.4f}")
     console.print(f"max |ONNX - PyTorch| {report['max_abs_diff_vs_torch']:.2e}; fp32 {report['fp32_bytes'] / 1e3:.0f} KB "
-                  f"acc {report['fp32_accuracy']:.4f}; int8 {report['int8_bytes_ratio']:.1%} of fp32, acc "
-                  f"{report['int8_accuracy']:.4f}; wrote {out}")
+                  f"{quality}; wrote {out}")
 
 
 @registry_app.command("serve")

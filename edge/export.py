@@ -267,6 +267,114 @@ class _quiet_loggers:
             lg.setLevel(level)
 
 
+# ---- causal language models ---------------------------------------------------------------------
+
+LM_INPUT_NAMES = ("input_ids", "attention_mask")
+
+
+class CausalLMLogits(nn.Module):
+    """A causal LM as a plain graph: token ids and attention mask in, next-token logits out (no KV cache)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def causal_lm_to_onnx(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                      max_batch: int = MAX_BATCH, max_sequence: int | None = None, opset: int | None = None) -> bytes:
+    """Merge adapters and export with torch's dynamo exporter; batch and sequence are symbolic dimensions."""
+    merged = CausalLMLogits(merged_copy(model)).eval()
+    limit = max_sequence or int(getattr(getattr(merged.lm, "config", None), "max_position_embeddings", 0) or 4096)
+    ids, mask = input_ids[:2].cpu(), attention_mask[:2].cpu()
+    if ids.shape[0] < 2:  # a batch of 1 lets the tracer specialise the dim away
+        ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    sequence = torch.export.Dim("sequence", min=1, max=limit)
+    shapes = ({0: batch, 1: sequence}, {0: batch, 1: sequence})
+    with warnings.catch_warnings(), _quiet_loggers("torch.onnx", "torch.export", "torch._dynamo"), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(merged, (ids, mask), dynamo=True, dynamic_shapes=shapes,
+                                    input_names=list(LM_INPUT_NAMES), output_names=[OUTPUT_NAME], opset_version=opset,
+                                    verbose=False)
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    proto = program.model_proto
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()
+
+
+def run_causal_lm_onnx(onnx_model: bytes | ort.InferenceSession, input_ids: np.ndarray, attention_mask: np.ndarray,
+                       batch_size: int = 16) -> np.ndarray:
+    """Logits (batch, sequence, vocabulary) from ONNX Runtime, in batches."""
+    sess = onnx_model if isinstance(onnx_model, ort.InferenceSession) else ort_session(onnx_model)
+    outs = [sess.run(None, {LM_INPUT_NAMES[0]: input_ids[i:i + batch_size].astype(np.int64),
+                            LM_INPUT_NAMES[1]: attention_mask[i:i + batch_size].astype(np.int64)})[0]
+            for i in range(0, len(input_ids), batch_size)]
+    return np.concatenate(outs).astype(np.float32, copy=False)
+
+
+def next_token_scores(logits: np.ndarray, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, float]:
+    """Perplexity and next-token accuracy of `logits` on the real tokens (the same arithmetic as training's)."""
+    from fedge.training import next_token_targets, task_loss
+
+    scores = torch.from_numpy(logits)
+    loss_sum, count = task_loss("causal-lm", scores, [input_ids, attention_mask], reduction="sum")
+    targets, valid = next_token_targets(input_ids, attention_mask)
+    correct = int((scores[:, :-1][valid].argmax(-1) == targets[valid]).sum())
+    return {"perplexity": float(np.exp(float(loss_sum) / max(count, 1))), "next_token_accuracy": correct / max(count, 1)}
+
+
+def export_causal_lm(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, int8: bool = True,
+                     tolerance: float = 1e-3, architecture: str = "") -> ExportResult:
+    """Merge, export, check against PyTorch on held-out text (max |logit difference| on real tokens), and derive an
+    INT8 variant (dynamic: int8 weights, activations quantized per batch, what ONNX Runtime offers transformers).
+
+    Both variants' held-out perplexity and next-token accuracy go into the metadata.
+    """
+    start = time.perf_counter()
+    fp32 = causal_lm_to_onnx(model, input_ids, attention_mask)
+    with torch.no_grad():
+        reference = CausalLMLogits(merged_copy(model)).eval()
+        expected = torch.cat([reference(input_ids[i:i + 16], attention_mask[i:i + 16])
+                              for i in range(0, len(input_ids), 16)]).numpy()
+    ids_np, mask_np = input_ids.numpy(), attention_mask.numpy()
+    logits = run_causal_lm_onnx(fp32, ids_np, mask_np)
+    real = mask_np.astype(bool)
+    diff = float(np.abs(logits - expected)[real].max())
+    if not diff <= tolerance:
+        raise ExportError(f"ONNX Runtime logits differ from PyTorch by {diff:.3g} (> {tolerance:g})")
+    fp32_scores = next_token_scores(logits, input_ids, attention_mask)
+    meta: dict[str, Any] = {
+        "architecture": architecture,
+        "task": "causal-lm",
+        "input_names": list(LM_INPUT_NAMES),
+        "output_name": OUTPUT_NAME,
+        "input_shape": ["batch", "sequence"],
+        "max_abs_diff_vs_torch": diff,
+        "eval_sequences": len(input_ids),
+        "eval_tokens": int(attention_mask[:, 1:].sum()),
+        "torch_perplexity": next_token_scores(expected, input_ids, attention_mask)["perplexity"],
+        "fp32_perplexity": fp32_scores["perplexity"],
+        "fp32_next_token_accuracy": fp32_scores["next_token_accuracy"],
+        "torch_version": torch.__version__,
+        "onnx_opset": next((o.version for o in onnx.load_from_string(fp32).opset_import if o.domain in ("", "ai.onnx")), 0),
+    }
+    int8_bytes = None
+    if int8:
+        int8_bytes = quantize_int8_dynamic(fp32)
+        int8_logits = run_causal_lm_onnx(int8_bytes, ids_np, mask_np)
+        int8_scores = next_token_scores(int8_logits, input_ids, attention_mask)
+        meta.update({"int8_mode": "dynamic", "int8_bytes": len(int8_bytes), "int8_bytes_ratio": len(int8_bytes) / len(fp32),
+                     "int8_max_abs_diff_vs_fp32": float(np.abs(int8_logits - logits)[real].max()),
+                     "int8_perplexity": int8_scores["perplexity"],
+                     "int8_next_token_accuracy": int8_scores["next_token_accuracy"]})
+    meta["export_seconds"] = time.perf_counter() - start
+    return ExportResult(fp32=fp32, int8=int8_bytes, fp16=None, metadata=meta)
+
+
 # ---- `fedge export` ---------------------------------------------------------------------
 
 
@@ -290,22 +398,33 @@ def export(
     num_partitions: int = 4,
     int8_mode: str = "qdq",
     fp16: bool = True,
+    adapter: str | Path | None = None,
 ) -> dict[str, Any]:
     """Export the scenario's model; check it against PyTorch on the held-out target data of every partition.
 
+    `adapter`: a peft adapter folder (e.g. a run's `OUT/adapters/METHOD`) loaded onto the base and merged.
     Calibration (for `int8_mode="qdq"`) uses the partitions' training splits, never the evaluation data.
+    A causal LM writes model.onnx and model.int8.onnx (dynamic INT8) with its held-out perplexity.
     Writes model.onnx, model.int8.onnx, model.fp16.onnx and export.json; returns the report.
     """
     sc = load_scenario(scenario)
     model = sc.base_model()
     if weights is not None:
         _load_weights(model, Path(weights))
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
     parts = [sc.client_data(p, num_partitions) for p in range(num_partitions)]
-    eval_x = torch.cat([p.test.tensors[0] for p in parts])
-    eval_y = torch.cat([p.test.tensors[1] for p in parts])
-    calib_x = torch.cat([p.train.tensors[0] for p in parts])[:512]
-    result = export_model(model, eval_x, eval_y, calibration_x=calib_x, int8_mode=int8_mode, fp16=fp16,
-                          architecture=sc.architecture)
+    if sc.task == "causal-lm":
+        ids, mask = (torch.cat([p.test.tensors[i] for p in parts]) for i in (0, 1))
+        result = export_causal_lm(model, ids, mask, architecture=sc.architecture)
+    else:
+        eval_x = torch.cat([p.test.tensors[0] for p in parts])
+        eval_y = torch.cat([p.test.tensors[1] for p in parts])
+        calib_x = torch.cat([p.train.tensors[0] for p in parts])[:512]
+        result = export_model(model, eval_x, eval_y, calibration_x=calib_x, int8_mode=int8_mode, fp16=fp16,
+                              architecture=sc.architecture)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"fp32": out / "model.onnx"}
@@ -316,7 +435,8 @@ def export(
     if result.fp16 is not None:
         files["fp16"] = out / "model.fp16.onnx"
         files["fp16"].write_bytes(result.fp16)
-    report = {"scenario": scenario, "weights": str(weights) if weights else None, "fp32_bytes": len(result.fp32),
+    report = {"scenario": scenario, "weights": str(weights) if weights else None,
+              "adapter": str(adapter) if adapter else None, "fp32_bytes": len(result.fp32),
               "files": {k: str(v) for k, v in files.items()}, **result.metadata}
     (out / "export.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     return report

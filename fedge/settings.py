@@ -55,6 +55,10 @@ class ConfigSection:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}  # type: ignore[call-overload]
 
 
+#: training precisions (`fedge.training.autocast_dtype` says what each means on a device)
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass
 class NoOptions(ConfigSection):
     """A method without knobs of its own."""
@@ -69,6 +73,16 @@ class RunSettings(ConfigSection):
     scenario: str = "digits-shift"
     seed: int = 0
     alpha: float = 0.5
+    # ---- a scenario built from a model and data of your own (`hf`: fedge run --model ... --data ...) ----
+    model: str = ""  # Hugging Face model: a local directory (or a hub id where the hub is reachable)
+    task: str = ""  # causal-lm or classification
+    data: str = ""  # a json/jsonl/csv/parquet/txt file, or a folder of them
+    text_column: str = "text"
+    label_column: str = "label"
+    partition: str = "iid"  # iid, dirichlet[:ALPHA] (over label-column; default ALPHA: alpha), natural:COLUMN
+    max_length: int = 128  # tokens per sequence (text scenarios)
+    load_in_4bit: bool = False  # QLoRA: the base model in 4-bit NF4 (bitsandbytes; CUDA only)
+    lora_targets: str = ""  # comma-separated module names LoRA goes into; empty: the scenario's own
     num_clients: int = 4
     clients_per_round: int = 0  # 0: all clients every round
     local_epochs: int = 3
@@ -77,6 +91,7 @@ class RunSettings(ConfigSection):
     lora_rank: int = 16
     lora_alpha: int = 32
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on a CUDA device that has bf16, else fp32; fp32; bf16
     client_threads: int = 1
     round_timeout: float = 600.0
     # ---- real fleets: dropouts and checkpoints ----
@@ -92,5 +107,16 @@ class RunSettings(ConfigSection):
     fault_kind: str = "corrupt"
     out_dir: str = "fedge-out"
 
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"run config precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+
     def scenario_options(self) -> dict[str, Any]:
-        return {"seed": self.seed, "alpha": self.alpha}
+        """Every option a scenario may take; `fedge.scenario.scenario_options` passes a scenario those it accepts."""
+        return {"seed": self.seed, "alpha": self.alpha, "model": self.model, "task": self.task, "data": self.data,
+                "text_column": self.text_column, "label_column": self.label_column, "partition": self.partition,
+                "max_length": self.max_length, "load_in_4bit": self.load_in_4bit}
+
+    def targets(self) -> list[str]:
+        """The LoRA targets this run names (`lora-targets`), or none (the scenario's own)."""
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]

@@ -23,8 +23,18 @@ from flwr.serverapp.strategy import Strategy
 from fedge.federated_model import count_params
 from fedge.messages import METRICS_RECORD, scalar, total_wire_bytes
 from fedge.methods import RunSpec
-from fedge.results import ClientEval, FleetAccuracy, fleet_accuracy, record_method
-from fedge.scenario import load_scenario
+from fedge.results import (
+    ClientEval,
+    FleetAccuracy,
+    fleet_accuracy,
+    record_method,
+    round_line,
+    task_metrics,
+    traffic,
+    traffic_summary,
+)
+from fedge.scenario import scenario_for
+from fedge.server.adapters_out import write_adapter
 from fedge.server.checkpoints import RunCheckpoints
 from fedge.server.nodes import connected_view, in_partition_order, required_replies, wait_for_nodes
 from fedge.settings import RunSettings
@@ -75,7 +85,9 @@ def evaluate_fleet(strategy: Strategy, server_round: int, arrays: ArrayRecord, c
             log.warning("evaluation reply from node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
         m = reply.content.metric_records[METRICS_RECORD]
-        evals.append(ClientEval(*(int(scalar(m[k])) for k in ("partition-id", "num-examples", "correct", "personal-correct"))))
+        counts = (int(scalar(m[k])) for k in ("partition-id", "num-examples", "correct", "personal-correct"))
+        losses = (float(scalar(m[k])) if k in m else float("nan") for k in ("loss-sum", "personal-loss-sum"))
+        evals.append(ClientEval(*counts, *losses))
     if len(evals) < len(messages):
         log.warning("round %d: %d of %d nodes evaluated", server_round, len(evals), len(messages))
     return fleet_accuracy(evals)
@@ -111,7 +123,8 @@ def train_round(strategy: Strategy, server_round: int, arrays: ArrayRecord, conf
 def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = None) -> FederationOutcome:
     started = time.perf_counter()
     settings, method = spec.settings, spec.method
-    scenario = load_scenario(settings.scenario, **settings.scenario_options())
+    scenario = scenario_for(settings)
+    method.check_scenario(scenario)
     model = method.build_model(scenario, settings)
     initial = method.exchanged_state(model)
     arrays = to_record(initial)
@@ -149,8 +162,10 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
             "round": server_round,
             "accuracy": fleet.accuracy,
             "personalized_accuracy": fleet.personalized_accuracy,
+            **task_metrics(scenario.task, fleet),
             "uplink_bytes": result.uplink,
             "downlink_bytes": result.downlink,
+            **traffic(result.uplink, result.downlink, totals["uplink_bytes"], totals["downlink_bytes"]),
             "clients": result.replies,
             "sent": result.sent,
             "attempts": result.attempts,
@@ -161,6 +176,7 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
         if result.metrics is not None:
             row.update({k.replace("-", "_"): scalar(v) for k, v in result.metrics.items() if k != "partition-id"})
         rows.append(row)
+        log.info("%s", round_line(method.name, row))
         checkpoints.commit(server_round, from_record(arrays), strategy, rows, totals, base, fleet)
         if on_round is not None:
             on_round(method.name, row)
@@ -170,13 +186,18 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
         "accuracy": fleet.accuracy,
         "personalized_accuracy": fleet.personalized_accuracy,
         "bottom_decile_accuracy": fleet.bottom_decile_accuracy,
+        **task_metrics(scenario.task, fleet),
         "uplink_bytes": totals["uplink_bytes"],
         "downlink_bytes": totals["downlink_bytes"],
+        **traffic_summary(totals["uplink_bytes"], totals["downlink_bytes"], len(rows)),
         "trainable_params": count_params(model, trainable_only=True),
         "total_params": count_params(model),
         "seconds": time.perf_counter() - started,
     }
     entry: dict[str, Any] = {"summary": method.summary, "rounds": outcome.rounds, "final": outcome.final}
+    adapter = write_adapter(model, method, arrays, scenario, settings.out_dir)
+    if adapter is not None:
+        entry["adapter"] = adapter
     finish = getattr(strategy, "finish", None)
     if callable(finish):  # a strategy's after-federation step (pFedGate: novel clients join) adds its own fields
         entry.update(finish(grid, arrays, config))
@@ -184,8 +205,9 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
         entry["checkpoint"] = checkpoints.describe(first_round - 1)
     record_method(
         settings.out_dir,
-        scenario=scenario.describe(settings.num_clients),
+        scenario={**scenario.describe(settings.num_clients), "task": scenario.task},
         base_accuracy=base.accuracy,
+        base_metrics=task_metrics(scenario.task, base),
         name=method.name,
         entry=entry,
     )

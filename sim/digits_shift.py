@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,16 +25,13 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedge.scenario import ClientData
+from fedge.sim.cache import cache_dir
 from fedge.sim.partition import dirichlet_partition
 from fedge.sim.shifts import CameraShift
 from fedge.tiers import tier_for
 from fedge.training import train_epochs
 
 IMAGE_SIZE = 32
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FEDGE_CACHE", Path.home() / ".cache" / "fedge"))
 
 
 def _upscale(images: np.ndarray) -> np.ndarray:

@@ -10,14 +10,14 @@ from torch.utils.data import TensorDataset
 
 from fedge.federated_model import merged_copy
 from fedge.methods import resolve
-from fedge.scenario import fleet_test_data, load_scenario
+from fedge.scenario import fleet_test_data, scenario_for
 from fedge.state import from_record
 
 
 def final_model(config: dict[str, Any], arrays: ArrayRecord) -> nn.Module:
     """The global model of a finished run, adapters merged into an fp32 copy of the base."""
     spec = resolve(config)
-    scenario = load_scenario(spec.settings.scenario, **spec.settings.scenario_options())
+    scenario = scenario_for(spec.settings)
     model = spec.method.build_model(scenario, spec.settings)
     spec.method.load_state(model, from_record(arrays))
     return merged_copy(model)
@@ -26,5 +26,5 @@ def final_model(config: dict[str, Any], arrays: ArrayRecord) -> nn.Module:
 def fleet_data(config: dict[str, Any]) -> TensorDataset:
     """The union of the run's clients' target-domain test splits."""
     spec = resolve(config)
-    scenario = load_scenario(spec.settings.scenario, **spec.settings.scenario_options())
+    scenario = scenario_for(spec.settings)
     return fleet_test_data(scenario, spec.settings.num_clients)
