@@ -20,9 +20,16 @@ def node_data(
 ) -> None:
     """Write each scenario partition as a node-data file, for SuperNodes started with `data-path` in their node config."""
     from fedge.client.node_data import save_node_data
-    from fedge.scenario import load_scenario
+    from fedge.scenario import scenario_for
+    from fedge.settings import RunSettings
 
-    chosen = load_scenario(scenario, seed=seed, alpha=alpha)
+    try:
+        chosen = scenario_for(RunSettings(scenario=scenario, seed=seed, alpha=alpha))
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    if chosen.task != "classification":
+        raise typer.BadParameter(f"node-data files hold labelled samples for a classifier; {scenario} is {chosen.task}",
+                                 param_hint="--scenario")
     for i in track(range(clients), description="partitions", console=console):
         save_node_data(folder / f"node-{i}.npz", chosen.client_data(i, clients))
     console.print(f"wrote {clients} node-data files to {folder}")
