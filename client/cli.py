@@ -22,10 +22,17 @@ def node_data(
     """Write each scenario partition as a node-data file, for SuperNodes started with `data-path` in their node config."""
     from fedge.client.node_data import save_node_data
     from fedge.outputs import check_out_dir
-    from fedge.scenario import load_scenario
+    from fedge.scenario import scenario_for
+    from fedge.settings import RunSettings
 
     folder = check_out_dir(folder, "FOLDER")
-    chosen = load_scenario(scenario, seed=seed, alpha=alpha)
+    try:
+        chosen = scenario_for(RunSettings(scenario=scenario, seed=seed, alpha=alpha))
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--scenario") from err
+    if chosen.task != "classification":
+        raise typer.BadParameter(f"node-data files hold labelled samples for a classifier; {scenario} is {chosen.task}",
+                                 param_hint="--scenario")
     for i in track(range(clients), description="partitions", console=console):
         save_node_data(folder / f"node-{i}.npz", chosen.client_data(i, clients))
     console.print(f"wrote {clients} node-data files to {folder}")

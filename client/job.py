@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message
 
-from fedge.client.node_data import load_node_data, node_tier
+from fedge.client.node_data import NodeDataError, load_node_data, node_tier
 from fedge.messages import CONFIG_RECORD, SERVER_ROUND_KEY
 from fedge.methods import Job, RunSpec, resolve
 from fedge.methods.downlink import receive_global
-from fedge.scenario import ClientData, load_scenario
+from fedge.scenario import ClientData, load_scenario, scenario_for, scenario_options
 from fedge.settings import RunSettings
 from fedge.tiers import tier_for
 from fedge.training import resolve_device
@@ -43,11 +43,15 @@ def node_data(context: Context, settings: RunSettings) -> ClientData:
     A node with its own data takes its tier from node config `tier` (default: the partition's).
     """
     pid, num = partition(context)
-    options = settings.scenario_options()
+    options = scenario_options(settings)
     path = context.node_config.get("data-path")
     if not path:
         return _client_data(settings.scenario, tuple(sorted(options.items())), pid, num)
     scenario = load_scenario(settings.scenario, **options)
+    if scenario.task != "classification":
+        raise NodeDataError(f"node data {path}: a node's own .npz holds labelled samples (x, y) for a classifier; "
+                            f"scenario {scenario.name!r} is {scenario.task}, whose clients' text comes from its own "
+                            "options (a model and data of your own: scenario 'hf', --data)")
     name = context.node_config.get("tier")
     tier = node_tier(str(name)) if name else tier_for(pid)
     return load_node_data(Path(str(path)), tier, tuple(scenario.sample_shape), scenario.num_classes)
@@ -59,7 +63,7 @@ def prepare_job(msg: Message, context: Context, *, training: bool = True) -> Job
     settings, method = spec.settings, spec.method
     torch.set_num_threads(max(1, settings.client_threads))
     pid, _ = partition(context)
-    scenario = load_scenario(settings.scenario, **settings.scenario_options())
+    scenario = scenario_for(settings)
     data = node_data(context, settings)
     plain = None if training else method.evaluation_model(scenario, settings, msg)
     if plain is not None:

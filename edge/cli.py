@@ -51,40 +51,49 @@ def export_cmd(
     scenario: Annotated[str, typer.Option(help="without --from/--checkpoint: export this scenario's base model")] = "digits-shift",
     weights: Annotated[Path | None, typer.Option(
         help="a state dict (.safetensors or torch) to load into the scenario's base model")] = None,
+    adapter: Annotated[Path | None, typer.Option(
+        help="a peft adapter folder to merge into the scenario's base model (a run's OUT/adapters/METHOD)")] = None,
     int8_mode: Annotated[Int8Mode, typer.Option(help="qdq (calibrated, TensorRT-ready) or dynamic")] = Int8Mode.qdq,
     fp16: Annotated[bool, typer.Option(help="also write an FP16 format")] = True,
     tensorrt_plans: Annotated[bool, typer.Option(help="also build TensorRT engine plans for this machine's GPU "
                                                       "(where TensorRT can build)")] = False,
 ) -> None:
     """Export a model as one publishable version: ONNX fp32 (checked against PyTorch), INT8, FP16 and a reference
-    set; a run's federated model (--from OUT, or --checkpoint) or a scenario's base model."""
+    set; a run's federated model (--from OUT, or --checkpoint) or a scenario's base model. A causal LM: fp32 and
+    INT8, with their held-out perplexity."""
     from fedge.edge.capabilities import describe
     from fedge.edge.export import export
     from fedge.outputs import EXPORT, check_out_dir
 
     source_out = check_out_dir(out if out is not None else (from_run or Path("fedge-out")) / EXPORT)
     with progress_bars():
-        source = model_source(from_run, method, checkpoint, scenario, weights)
+        source = model_source(from_run, method, checkpoint, scenario, weights, adapter)
         summary = export(source_out, source, int8_mode=int8_mode.value, fp16=fp16, tensorrt_plans=tensorrt_plans)
     what = (f"{summary['method']} after round {summary['round']} (federated accuracy {summary['federated_accuracy']:.4f})"
             if summary.get("model") == "federated" else f"{summary['scenario']} {summary['model']} model")
-    console.print(f"exported {what}: fp32 {summary['fp32_bytes'] / 1e3:.0f} KB, accuracy {summary['fp32_accuracy']:.4f}, "
-                  f"max |ONNX - PyTorch| {summary['max_abs_diff_vs_torch']:.2e}; int8 {summary['int8_bytes_ratio']:.1%} of "
-                  f"fp32, accuracy {summary['int8_accuracy']:.4f}, top-1 agreement with fp32 {summary['int8_agreement_vs_fp32']:.4f} "
-                  f"(on {describe(summary['host'])}); wrote {source_out}")
-
+    if summary.get("task") == "causal-lm":
+        quality = (f"perplexity {summary['fp32_perplexity']:.2f} (next-token accuracy "
+                   f"{summary['fp32_next_token_accuracy']:.4f}); int8 {summary['int8_bytes_ratio']:.1%} of fp32, "
+                   f"perplexity {summary['int8_perplexity']:.2f}")
+    else:
+        quality = (f"accuracy {summary['fp32_accuracy']:.4f}; int8 {summary['int8_bytes_ratio']:.1%} of fp32, accuracy "
+                   f"{summary['int8_accuracy']:.4f}, top-1 agreement with fp32 {summary['int8_agreement_vs_fp32']:.4f} "
+                   f"(on {describe(summary['host'])})")
+    console.print(f"exported {what}: fp32 {summary['fp32_bytes'] / 1e3:.0f} KB, max |ONNX - PyTorch| "
+                  f"{summary['max_abs_diff_vs_torch']:.2e}, {quality}; wrote {source_out}")
 
 def model_source(from_run: Path | None, method: str | None, checkpoint: Path | None, scenario: str,
-                 weights: Path | None) -> ExportSource:
-    """What to export or deploy: a run's model (--from / --checkpoint) or a scenario's base model (--weights)."""
+                 weights: Path | None, adapter: Path | None = None) -> ExportSource:
+    """What to export or deploy: a run's model (--from / --checkpoint) or a scenario's base model (--weights,
+    --adapter)."""
     from fedge.edge.export import scenario_source
 
-    if sum(x is not None for x in (from_run, checkpoint, weights)) > 1:
-        raise typer.BadParameter("give one of --from, --checkpoint and --weights", param_hint="--from")
+    if sum(x is not None for x in (from_run, checkpoint, weights, adapter)) > 1:
+        raise typer.BadParameter("give one of --from, --checkpoint, --weights and --adapter", param_hint="--from")
     if method is not None and from_run is None:
         raise typer.BadParameter("--method picks a method of a run: give the run with --from", param_hint="--method")
     if from_run is None and checkpoint is None:
-        return scenario_source(scenario, weights)
+        return scenario_source(scenario, weights, adapter=adapter)
     if _run_source is None:
         raise UserError("this command line was built without access to runs", "run it as `fedge ...`")
     return _run_source(from_run, method, checkpoint)

@@ -351,6 +351,117 @@ class _quiet_loggers:
             lg.setLevel(level)
 
 
+# ---- causal language models ---------------------------------------------------------------------
+
+LM_INPUT_NAMES = ("input_ids", "attention_mask")
+
+
+class CausalLMLogits(nn.Module):
+    """A causal LM as a plain graph: token ids and attention mask in, next-token logits out (no KV cache)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def causal_lm_to_onnx(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                      max_batch: int = MAX_BATCH, max_sequence: int | None = None, opset: int | None = None) -> bytes:
+    """Merge adapters and export with torch's dynamo exporter; batch and sequence are symbolic dimensions."""
+    merged = CausalLMLogits(merged_copy(model)).eval()
+    limit = max_sequence or int(getattr(getattr(merged.lm, "config", None), "max_position_embeddings", 0) or 4096)
+    ids, mask = input_ids[:2].cpu(), attention_mask[:2].cpu()
+    if ids.shape[0] < 2:  # a batch of 1 lets the tracer specialise the dim away
+        ids, mask = ids.repeat(2, 1), mask.repeat(2, 1)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    sequence = torch.export.Dim("sequence", min=1, max=limit)
+    shapes = ({0: batch, 1: sequence}, {0: batch, 1: sequence})
+    with warnings.catch_warnings(), _quiet_loggers("torch.onnx", "torch.export", "torch._dynamo"), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(merged, (ids, mask), dynamo=True, dynamic_shapes=shapes,
+                                    input_names=list(LM_INPUT_NAMES), output_names=[OUTPUT_NAME], opset_version=opset,
+                                    verbose=False)
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    proto = program.model_proto
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()
+
+
+def run_causal_lm_onnx(onnx_model: bytes | ort.InferenceSession, input_ids: np.ndarray, attention_mask: np.ndarray,
+                       batch_size: int = 16) -> np.ndarray:
+    """Logits (batch, sequence, vocabulary) from ONNX Runtime, in batches."""
+    sess = onnx_model if isinstance(onnx_model, ort.InferenceSession) else ort_session(onnx_model)
+    outs = [sess.run(None, {LM_INPUT_NAMES[0]: input_ids[i:i + batch_size].astype(np.int64),
+                            LM_INPUT_NAMES[1]: attention_mask[i:i + batch_size].astype(np.int64)})[0]
+            for i in range(0, len(input_ids), batch_size)]
+    return np.concatenate(outs).astype(np.float32, copy=False)
+
+
+def next_token_scores(logits: np.ndarray, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, float]:
+    """Perplexity and next-token accuracy of `logits` on the real tokens (the same arithmetic as training's)."""
+    from fedge.training import next_token_targets, task_loss
+
+    scores = torch.from_numpy(logits)
+    loss_sum, count = task_loss("causal-lm", scores, [input_ids, attention_mask], reduction="sum")
+    targets, valid = next_token_targets(input_ids, attention_mask)
+    correct = int((scores[:, :-1][valid].argmax(-1) == targets[valid]).sum())
+    return {"perplexity": float(np.exp(float(loss_sum) / max(count, 1))), "next_token_accuracy": correct / max(count, 1)}
+
+
+def export_causal_lm(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, int8: bool = True,
+                     tolerance: float = 1e-3, architecture: str = "") -> ExportResult:
+    """Merge, export, check against PyTorch on held-out text (max |logit difference| on real tokens), and derive an
+    INT8 variant (dynamic: int8 weights, activations quantized per batch, what ONNX Runtime offers transformers).
+
+    Both variants' held-out perplexity and next-token accuracy go into the metadata.
+    """
+    start = time.perf_counter()
+    fp32 = causal_lm_to_onnx(model, input_ids, attention_mask)
+    with torch.no_grad():
+        reference = CausalLMLogits(merged_copy(model)).eval()
+        expected = torch.cat([reference(input_ids[i:i + 16], attention_mask[i:i + 16])
+                              for i in range(0, len(input_ids), 16)]).numpy()
+    ids_np, mask_np = input_ids.numpy(), attention_mask.numpy()
+    logits = run_causal_lm_onnx(fp32, ids_np, mask_np)
+    real = mask_np.astype(bool)
+    diff = float(np.abs(logits - expected)[real].max())
+    if not diff <= tolerance:
+        raise ExportError(f"ONNX Runtime logits differ from PyTorch by {diff:.3g} (> {tolerance:g})")
+    fp32_scores = next_token_scores(logits, input_ids, attention_mask)
+    meta: dict[str, Any] = {
+        "architecture": architecture,
+        "task": "causal-lm",
+        "input_names": list(LM_INPUT_NAMES),
+        "output_name": OUTPUT_NAME,
+        "input_shape": ["batch", "sequence"],
+        "max_abs_diff_vs_torch": diff,
+        "eval_sequences": len(input_ids),
+        "eval_tokens": int(attention_mask[:, 1:].sum()),
+        "torch_perplexity": next_token_scores(expected, input_ids, attention_mask)["perplexity"],
+        "fp32_perplexity": fp32_scores["perplexity"],
+        "fp32_next_token_accuracy": fp32_scores["next_token_accuracy"],
+        "torch_version": torch.__version__,
+        "onnx_opset": next((o.version for o in onnx.load_from_string(fp32).opset_import if o.domain in ("", "ai.onnx")), 0),
+    }
+    int8_bytes = None
+    if int8:
+        int8_bytes = quantize_int8_dynamic(fp32)
+        int8_logits = run_causal_lm_onnx(int8_bytes, ids_np, mask_np)
+        int8_scores = next_token_scores(int8_logits, input_ids, attention_mask)
+        meta.update({"int8_mode": "dynamic", "int8_bytes": len(int8_bytes), "int8_bytes_ratio": len(int8_bytes) / len(fp32),
+                     "int8_max_abs_diff_vs_fp32": float(np.abs(int8_logits - logits)[real].max()),
+                     "int8_perplexity": int8_scores["perplexity"],
+                     "int8_next_token_accuracy": int8_scores["next_token_accuracy"]})
+    meta["export_seconds"] = time.perf_counter() - start
+    formats = {"fp32": BundleFile(fp32, "onnx", "fp32", {"perplexity": meta["fp32_perplexity"]})}
+    if int8_bytes is not None:
+        formats["int8"] = BundleFile(int8_bytes, "onnx", "int8", {"mode": "dynamic", "perplexity": meta["int8_perplexity"]})
+    return ExportResult(formats=formats, metadata=meta)
+
+
 # ---- `fedge export` ---------------------------------------------------------------------
 
 
@@ -364,6 +475,8 @@ class ExportSource:
     calibration_x: torch.Tensor  # INT8 calibration inputs (training splits)
     architecture: str
     origin: dict[str, Any] = field(default_factory=dict)
+    #: classification (eval_y: labels) or causal-lm (eval_x: token ids, eval_y: their attention mask)
+    task: str = "classification"
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -391,8 +504,9 @@ def _load_weights(model: nn.Module, path: Path, state: dict[str, torch.Tensor]) 
 
 
 def scenario_source(scenario: str = "digits-shift", weights: str | Path | None = None,
-                    num_partitions: int = 4) -> ExportSource:
-    """The scenario's base model (or `weights` loaded into it), checked on the held-out target data of
+                    num_partitions: int = 4, adapter: str | Path | None = None) -> ExportSource:
+    """The scenario's base model (or `weights` loaded into it, or a peft `adapter` folder such as a run's
+    `OUT/adapters/METHOD` loaded onto it and merged at export), checked on the held-out target data of
     `num_partitions` partitions and calibrated on their training splits."""
     state = _read_weights(Path(weights)) if weights is not None else None  # checked before any training
     try:
@@ -402,25 +516,38 @@ def scenario_source(scenario: str = "digits-shift", weights: str | Path | None =
     model = sc.base_model()
     if state is not None:
         _load_weights(model, Path(str(weights)), state)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
     parts = [sc.client_data(p, num_partitions) for p in range(num_partitions)]
-    origin = {"scenario": scenario, "model": "weights" if weights else "base", "weights": str(weights) if weights else None}
+    origin = {"scenario": scenario, "model": "adapter" if adapter else "weights" if weights else "base",
+              "weights": str(weights) if weights else None, "adapter": str(adapter) if adapter else None}
     return ExportSource(model, torch.cat([p.test.tensors[0] for p in parts]), torch.cat([p.test.tensors[1] for p in parts]),
-                        torch.cat([p.train.tensors[0] for p in parts])[:512], sc.architecture, origin)
+                        torch.cat([p.train.tensors[0] for p in parts])[:512], sc.architecture, origin, task=sc.task)
 
 
 def export(out_dir: str | Path, source: ExportSource, int8_mode: str = "qdq", fp16: bool = True,
            tensorrt_plans: bool = False) -> dict[str, Any]:
     """Export `source`'s model as one publishable version folder (model.onnx, model.int8.onnx, model.fp16.onnx,
     reference.safetensors, engine plans where asked and possible, bundle.json), export.json and the held-out
-    samples it was checked on (samples.npz: x, y; what an agent can serve); the report."""
-    result = export_model(source.model, source.eval_x, source.eval_y, calibration_x=source.calibration_x,
-                          int8_mode=int8_mode, fp16=fp16, tensorrt_plans=tensorrt_plans,
-                          architecture=source.architecture)
+    samples it was checked on (samples.npz: x, y; what an agent can serve); the report.
+
+    A causal LM (`source.task`, its eval tensors token ids and attention mask) writes model.onnx and a dynamic
+    model.int8.onnx with their held-out perplexity, and no samples (agents serve classifiers).
+    """
+    if source.task == "causal-lm":
+        result = export_causal_lm(source.model, source.eval_x, source.eval_y, architecture=source.architecture)
+    else:
+        result = export_model(source.model, source.eval_x, source.eval_y, calibration_x=source.calibration_x,
+                              int8_mode=int8_mode, fp16=fp16, tensorrt_plans=tensorrt_plans,
+                              architecture=source.architecture)
     out = Path(out_dir)
     index = write_bundle(out, result.formats, {**source.origin, **result.metadata})  # the origin travels signed
     files = {name: str(out / f["file"]) for name, f in json.loads(index.read_text())["formats"].items()}
     # the held-out inputs and labels the export was checked on, in the agent's format (`fedge edge agent --data`)
-    np.savez(out / SAMPLES_FILE, x=source.eval_x.float().numpy(), y=source.eval_y.numpy().astype(np.int64))
+    if source.task != "causal-lm":
+        np.savez(out / SAMPLES_FILE, x=source.eval_x.float().numpy(), y=source.eval_y.numpy().astype(np.int64))
     summary = {**source.origin, "fp32_bytes": len(result.fp32), "files": files, **result.metadata}
     (out / EXPORT_REPORT).write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary

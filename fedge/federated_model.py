@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,8 +25,12 @@ PEFT_PREFIX = "base_model.model."
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 
-def build_federated_model(scenario: Scenario, payload: str, *, rank: int, alpha: int, seed: int) -> nn.Module:
-    """The scenario's base model, with LoRA on its own targets unless the whole model is federated."""
+def build_federated_model(scenario: Scenario, payload: str, *, rank: int, alpha: int, seed: int,
+                          targets: Sequence[str] = ()) -> nn.Module:
+    """The scenario's base model, with LoRA on its own targets (or `targets`) unless the whole model is federated.
+
+    A head the scenario adds to a pretrained model (`modules_to_save`) is trained and exchanged whole.
+    """
     if payload not in PAYLOADS:
         raise ValueError(f"payload must be one of {PAYLOADS}, not {payload!r}")
     model = scenario.base_model()
@@ -36,7 +40,8 @@ def build_federated_model(scenario: Scenario, payload: str, *, rank: int, alpha:
         return model
     from fedge.adapters import freeze_lora_a, inject_lora
 
-    peft_model = inject_lora(model, list(scenario.lora_targets), rank=rank, alpha=alpha, seed=seed)
+    peft_model = inject_lora(model, list(targets or scenario.lora_targets), rank=rank, alpha=alpha, seed=seed,
+                             modules_to_save=list(getattr(scenario, "modules_to_save", ())))
     if payload == "lora-b":
         freeze_lora_a(peft_model)
     return peft_model
@@ -48,8 +53,8 @@ def exchanged_state(model: nn.Module, payload: str) -> OrderedDict[str, np.ndarr
     from fedge.adapters import adapter_state
 
     state = adapter_state(model)  # type: ignore[arg-type]
-    if payload == "lora-b":
-        return OrderedDict((k, v) for k, v in state.items() if "lora_B" in k)
+    if payload == "lora-b":  # all but A (B, and any head trained whole)
+        return OrderedDict((k, v) for k, v in state.items() if "lora_A" not in k)
     return state
 
 

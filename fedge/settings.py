@@ -57,6 +57,8 @@ class ConfigSection:
 
 #: clients evaluated after each round unless `eval-clients` says otherwise (all of a fleet at most this large)
 DEFAULT_EVAL_CLIENTS = 50
+#: training precisions (`fedge.training.autocast_dtype` says what each means on a device)
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -77,6 +79,16 @@ class RunSettings(ConfigSection):
     scenario: str = "digits-shift"
     seed: int = 0
     alpha: float = 0.5
+    # ---- a scenario built from a model and data of your own (`hf`: fedge run --model ... --data ...) ----
+    model: str = ""  # Hugging Face model: a local directory (or a hub id where the hub is reachable)
+    task: str = ""  # causal-lm or classification
+    data: str = ""  # a json/jsonl/csv/parquet/txt file, or a folder of them
+    text_column: str = "text"
+    label_column: str = "label"
+    partition: str = "iid"  # iid, dirichlet[:ALPHA] (over label-column; default ALPHA: alpha), natural:COLUMN
+    max_length: int = 128  # tokens per sequence (text scenarios)
+    load_in_4bit: bool = False  # QLoRA: the base model in 4-bit NF4 (bitsandbytes; CUDA only)
+    lora_targets: str = ""  # comma-separated module names LoRA goes into; empty: the scenario's own
     num_clients: int = 4
     clients_per_round: int = 0  # 0: all clients every round
     local_epochs: int = 3
@@ -85,6 +97,7 @@ class RunSettings(ConfigSection):
     lora_rank: int = 16
     lora_alpha: int = 32
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on a CUDA device that has bf16, else fp32; fp32; bf16
     client_threads: int = 1
     round_timeout: float = 600.0
     # ---- real fleets: dropouts and checkpoints ----
@@ -109,9 +122,6 @@ class RunSettings(ConfigSection):
         """Clients evaluated after each round: `eval-clients`, else all of a small fleet, else DEFAULT_EVAL_CLIENTS."""
         return self.eval_clients or min(self.num_clients, DEFAULT_EVAL_CLIENTS)
 
-    def scenario_options(self) -> dict[str, Any]:
-        return {"seed": self.seed, "alpha": self.alpha}
-
     def validate(self) -> None:
         """Refuse values no run can start with (checked with the keys, before anything trains)."""
         rules = [
@@ -127,7 +137,18 @@ class RunSettings(ConfigSection):
             (self.min_replies < 1 or self.min_replies <= self.num_clients, "min-replies (a count) exceeds num-clients"),
             (self.round_timeout > 0 and self.node_wait >= 0, "round-timeout must be positive, node-wait >= 0"),
             (self.checkpoint in CHECKPOINT_MODES, f"checkpoint must be one of {', '.join(CHECKPOINT_MODES)}"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
         ]
         broken = [message for ok, message in rules if not ok]
         if broken:
             raise ValueError(f"run config: {'; '.join(broken)} (got {self.to_config()})")
+
+    def scenario_options(self) -> dict[str, Any]:
+        """Every option a scenario may take; `fedge.scenario.scenario_options` passes a scenario those it accepts."""
+        return {"seed": self.seed, "alpha": self.alpha, "model": self.model, "task": self.task, "data": self.data,
+                "text_column": self.text_column, "label_column": self.label_column, "partition": self.partition,
+                "max_length": self.max_length, "load_in_4bit": self.load_in_4bit}
+
+    def targets(self) -> list[str]:
+        """The LoRA targets this run names (`lora-targets`), or none (the scenario's own)."""
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]

@@ -68,7 +68,7 @@ def make_server_app(
         if record:
             settings = spec.settings
             results = method_results(scenario=outcome.scenario, base_accuracy=outcome.base.accuracy,
-                                     name=outcome.method, entry=outcome.entry)
+                                     base_metrics=outcome.base_metrics, name=outcome.method, entry=outcome.entry)
             results["run"] = {"methods": [outcome.method], "rounds": settings.num_server_rounds,
                               "clients": settings.num_clients, "seconds": outcome.final["seconds"],
                               "flower_run_id": context.run_id}

@@ -28,8 +28,9 @@ from fedge.federated_model import count_params
 from fedge.message_timing import append_rows, summarise
 from fedge.messages import METRICS_RECORD, scalar, total_wire_bytes
 from fedge.methods import RunSpec
-from fedge.results import ClientEval, FleetAccuracy, fleet_accuracy
-from fedge.scenario import load_scenario
+from fedge.results import ClientEval, FleetAccuracy, fleet_accuracy, task_metrics, traffic, traffic_summary
+from fedge.scenario import scenario_for
+from fedge.server.adapters_out import write_adapter
 from fedge.server.checkpoints import RunCheckpoints
 from fedge.server.nodes import PollingGrid, connected_view, in_partition_order, required_replies, wait_for_nodes
 from fedge.settings import RunSettings
@@ -58,6 +59,8 @@ class FederationOutcome:
     #: results.json's parts: the scenario's description and this method's entry (rounds, final, checkpoint...)
     scenario: dict[str, Any] = field(default_factory=dict)
     entry: dict[str, Any] = field(default_factory=dict)
+    #: the base model's task metrics beside its accuracy (a causal LM's perplexity)
+    base_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,7 +101,9 @@ def evaluate_fleet(strategy: Strategy, server_round: int, arrays: ArrayRecord, c
             log.warning("evaluation reply from node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
             continue
         m = reply.content.metric_records[METRICS_RECORD]
-        evals.append(ClientEval(*(int(scalar(m[k])) for k in ("partition-id", "num-examples", "correct", "personal-correct"))))
+        counts = (int(scalar(m[k])) for k in ("partition-id", "num-examples", "correct", "personal-correct"))
+        losses = (float(scalar(m[k])) if k in m else float("nan") for k in ("loss-sum", "personal-loss-sum"))
+        evals.append(ClientEval(*counts, *losses))
     if len(evals) < len(messages):
         log.warning("round %d: %d of %d nodes evaluated", server_round, len(evals), len(messages))
     return fleet_accuracy(evals)
@@ -137,7 +142,8 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
     settings, method = spec.settings, spec.method
     grid = PollingGrid(grid)
     message_log = Path(settings.out_dir) / f"messages-{method.name}.jsonl"  # one line per reply: its timeline
-    scenario = load_scenario(settings.scenario, **settings.scenario_options())
+    scenario = scenario_for(settings)
+    method.check_scenario(scenario)
     model = method.build_model(scenario, settings)
     initial = method.exchanged_state(model)
     arrays = to_record(initial)
@@ -186,8 +192,10 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
             "round": server_round,
             "accuracy": fleet.accuracy,
             "personalized_accuracy": fleet.personalized_accuracy,
+            **task_metrics(scenario.task, fleet),
             "uplink_bytes": result.uplink,
             "downlink_bytes": result.downlink,
+            **traffic(result.uplink, result.downlink, totals["uplink_bytes"], totals["downlink_bytes"]),
             "clients": result.replies,
             "sent": result.sent,
             "attempts": result.attempts,
@@ -213,13 +221,18 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
         "accuracy": fleet.accuracy,
         "personalized_accuracy": fleet.personalized_accuracy,
         "bottom_decile_accuracy": fleet.bottom_decile_accuracy,
+        **task_metrics(scenario.task, fleet),
         "uplink_bytes": totals["uplink_bytes"],
         "downlink_bytes": totals["downlink_bytes"],
+        **traffic_summary(totals["uplink_bytes"], totals["downlink_bytes"], len(rows)),
         "trainable_params": count_params(model, trainable_only=True),
         "total_params": count_params(model),
         "seconds": time.perf_counter() - started,
     }
     entry: dict[str, Any] = {"summary": method.summary, "rounds": outcome.rounds, "final": outcome.final}
+    adapter = write_adapter(model, method, arrays, scenario, settings.out_dir)
+    if adapter is not None:
+        entry["adapter"] = adapter
     finish = getattr(strategy, "finish", None)
     if callable(finish):  # a strategy's after-federation step (pFedGate: novel clients join) adds its own fields
         entry.update(finish(grid, arrays, config))
@@ -228,5 +241,6 @@ def run_federation(grid: Grid, spec: RunSpec, on_round: RoundCallback | None = N
     if checkpoints.enabled:
         entry["checkpoint"] = checkpoints.describe(first_round - 1)
     outcome.entry = entry
-    outcome.scenario = scenario.describe(settings.num_clients)
+    outcome.scenario = {**scenario.describe(settings.num_clients), "task": scenario.task}
+    outcome.base_metrics = task_metrics(scenario.task, base)
     return outcome

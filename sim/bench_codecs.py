@@ -42,7 +42,7 @@ def lora_update(scenario: str = "digits-shift", *, partition: int = 0, num_parti
     before = adapter_state(model)
     data = sc.client_data(partition, num_partitions)
     train_epochs(model, data.train, epochs=epochs, lr=lr, batch_size=batch_size, device=torch.device("cpu"),
-                 seed=seed)
+                 seed=seed, task=sc.task)
     return subtract(adapter_state(model), before)
 
 

@@ -82,12 +82,28 @@ def run(
         help="comma-separated seeds: every method runs on each, and figures are reported as mean and 95% interval "
              "(each seed's own results in OUT/seed-N); default: --seed alone")] = "",
     alpha: Annotated[float, typer.Option(help="Dirichlet label-skew concentration")] = 0.5,
-    scenario: str = "digits-shift",
+    scenario: Annotated[str | None, typer.Option(
+        help="digits-shift (default), stdlib-code (a causal LM on Python's standard library), or hf "
+             "(implied by --model)")] = None,
+    model: Annotated[str, typer.Option(help="your Hugging Face model: a local directory, or a hub id where the hub "
+                                            "is reachable (scenario hf)")] = "",
+    task: Annotated[str, typer.Option(help="with --model: causal-lm or classification")] = "",
+    data: Annotated[str, typer.Option(help="with --model: a json/jsonl/csv/parquet/txt file or a folder of them")] = "",
+    text_column: Annotated[str, typer.Option(help="the data's text column")] = "text",
+    label_column: Annotated[str, typer.Option(help="the data's label column (classification, dirichlet)")] = "label",
+    partition: Annotated[str, typer.Option(
+        help="how --data is split among clients (flwr-datasets): iid, dirichlet[:ALPHA] (over --label-column), "
+             "natural:COLUMN")] = "iid",
+    max_length: Annotated[int, typer.Option(min=2, help="tokens per sequence (text scenarios)")] = 128,
+    lora_targets: Annotated[str, typer.Option(
+        help="comma-separated modules LoRA goes into (default: the scenario's; peft's defaults for --model)")] = "",
+    load_in_4bit: Annotated[bool, typer.Option(help="QLoRA: load the base in 4-bit NF4 (bitsandbytes, CUDA only)")] = False,
     local_epochs: Annotated[int | None, typer.Option(min=1, help="local epochs per round (default 3; --quick 2)")] = None,
     lr: Annotated[float, typer.Option(help="local learning rate (0: each method's default)")] = 0.0,
     lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank of every adapted layer")] = _DEFAULTS.lora_rank,
     lora_alpha: Annotated[int, typer.Option(min=1, help="LoRA alpha (updates are scaled by alpha / rank)")] = _DEFAULTS.lora_alpha,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, else fp32), fp32 or bf16")] = "auto",
     eval_clients: Annotated[int, typer.Option(
         min=0, help="clients evaluated after each round (0: all when at most 50, else 50); the last round evaluates all")] = 0,
     downlink_codec: Annotated[str, typer.Option(
@@ -99,22 +115,14 @@ def run(
     resume: Annotated[bool, typer.Option(help="continue from the checkpoints in OUT/checkpoints instead of starting over")] = False,
     run_config: Annotated[list[str] | None, typer.Option(
         "--run-config", help="Flower-style overrides, e.g. \"density-up=0.0625 flasc.server-opt='adamw'\" (repeatable)")] = None,
-    edge_devices: Annotated[int, typer.Option(
-        min=0, help="edge agents (separate processes on loopback) that receive the first method's final model; 0: none")] = 2,
+    edge_devices: Annotated[int | None, typer.Option(
+        min=0, help="edge agents (separate processes on loopback) that receive the first method's final model; 0: none "
+                    "(default 2; 0 for text models, whose deployment to agents is not available yet)")] = None,
 ) -> None:
     """Run federations of the given methods on a scenario, with Flower's simulation runtime, then deploy to the edge."""
     from fedge.methods import available_methods
     from fedge.outputs import EDGE, check_out_dir, clear_previous_run
-    from fedge.results import (
-        PLOT_FILE,
-        RESULTS_FILE,
-        combine_seeds,
-        final_table,
-        method_results,
-        plot_accuracy_vs_uplink,
-        write_results,
-    )
-    from fedge.scenario import load_scenario
+    from fedge.results import RESULTS_FILE, combine_seeds, final_table, method_results, plot_results, write_results
     from fedge.sim.resources import PeakMemory
     from fedge.training import resolve_device
 
@@ -123,6 +131,9 @@ def run(
     if unknown or not names:
         raise typer.BadParameter(f"unknown methods {unknown}; known: {', '.join(available_methods())}",
                                  param_hint="--methods")
+    if model and scenario not in (None, "hf"):
+        raise typer.BadParameter(f"--model builds scenario hf; it does not go with --scenario {scenario}",
+                                 param_hint="--scenario")
     rounds = rounds or (5 if quick else 10)
     clients = clients or (6 if quick else 8)
     local_epochs = local_epochs or (2 if quick else 3)
@@ -132,8 +143,11 @@ def run(
     out = check_out_dir(out)
     resolve_device(device)
     common = {"num-server-rounds": rounds, "num-clients": clients, "clients-per-round": clients_per_round,
-              "alpha": alpha, "scenario": scenario, "local-epochs": local_epochs, "lr": lr,
-              "lora-rank": lora_rank, "lora-alpha": lora_alpha, "device": device, "eval-clients": eval_clients,
+              "alpha": alpha, "scenario": scenario or ("hf" if model else "digits-shift"), "model": model,
+              "task": task, "data": data, "text-column": text_column, "label-column": label_column,
+              "partition": partition, "max-length": max_length, "lora-targets": lora_targets,
+              "load-in-4bit": load_in_4bit, "local-epochs": local_epochs, "lr": lr, "lora-rank": lora_rank,
+              "lora-alpha": lora_alpha, "device": device, "precision": precision, "eval-clients": eval_clients,
               "downlink-codec": downlink_codec, "checkpoint": "auto" if resume else "fresh"}
     folders = {s: out / f"seed-{s}" if len(seed_list) > 1 else out for s in seed_list}
     configs = {s: method_configs(names, {**common, "seed": s, "out-dir": str(folders[s])}, run_config or [])
@@ -146,21 +160,23 @@ def run(
     per_seed: dict[int, dict[str, Any]] = {}
     first_outcome: Any = None
     with PeakMemory() as memory, progress_bars() as progress:
+        for s in seed_list:  # what a scenario builds once (a base to train or pretrain, data to split), with its bars
+            edge_devices = prepare_scenario(configs[s], names, edge_devices)
         tasks = {name: progress.add_task(f"{name:>12}", total=rounds * len(seed_list), note="") for name in names}
         for s in seed_list:
-            load_scenario(scenario, seed=s, alpha=alpha).base_model()  # trained here, with a bar, on first use
             results: dict[str, Any] | None = None
             for name in names:
                 outcome = simulate_method(configs[s][name], progress, tasks[name], memory,
                                           f"{name} (seed {s})" if len(seed_list) > 1 else name)
                 first_outcome = first_outcome or outcome
-                results = method_results(scenario=outcome.scenario, base_accuracy=outcome.base.accuracy, name=name,
-                                         entry=outcome.entry, into=results)
+                results = method_results(scenario=outcome.scenario, base_accuracy=outcome.base.accuracy,
+                                         base_metrics=outcome.base_metrics, name=name, entry=outcome.entry,
+                                         into=results)
                 write_results(folders[s], results)  # a finished method is kept even if a later one fails
             assert results is not None
             per_seed[s] = results
         results = combine_seeds(per_seed) if len(seed_list) > 1 else per_seed[seed_list[0]]
-        if edge_devices > 0:
+        if edge_devices:
             results["edge"] = deploy_final(configs[seed_list[0]][names[0]], first_outcome.arrays, edge_devices,
                                            out / EDGE)
     results["run"] = {"methods": names, "rounds": rounds, "clients": clients, "seeds": seed_list,
@@ -169,7 +185,7 @@ def run(
     if len(seed_list) > 1:
         results["run"]["seed_results"] = {str(s): str(folders[s] / RESULTS_FILE) for s in seed_list}
     write_results(out, results)
-    plot = plot_accuracy_vs_uplink(results, out / PLOT_FILE)
+    plot = plot_results(results, out)
     console.print(final_table(results))
     for name, entry in results.get("methods", {}).items():
         share = entry.get("uplink", {}).get("budget_weighted_dense_bytes")
@@ -177,27 +193,46 @@ def run(
             sent = entry["uplink"]["bytes"]
             console.print(f"{name}: uplink {sent / 1e6:.1f} MB = {sent / share:.3f} of its budget-weighted dense share "
                           f"({share / 1e6:.1f} MB)")
+        if "adapter" in entry:
+            console.print(f"{name}: adapter in {entry['adapter']['dir']} (peft; base: {entry['adapter']['base_model']})")
     console.print(f"peak memory of the whole process tree (Ray workers included): "
                   f"{memory.peak.pss_bytes / 2**30:.2f} GiB PSS ({memory.peak.rss_bytes / 2**30:.2f} GiB RSS summed)")
     console.print(f"wrote {out / RESULTS_FILE} and {plot}")
-    write_results(out, results)
-    plot = plot_accuracy_vs_uplink(results, out / PLOT_FILE)
-    console.print(final_table(results))
-    for name, entry in results.get("methods", {}).items():
-        share = entry.get("uplink", {}).get("budget_weighted_dense_bytes")
-        if share:  # sparsity budgets: what the method sent against what its budgets allow of a dense upload
-            sent = entry["uplink"]["bytes"]
-            console.print(f"{name}: uplink {sent / 1e6:.1f} MB = {sent / share:.3f} of its budget-weighted dense share "
-                          f"({share / 1e6:.1f} MB)")
-    console.print(f"peak memory of the whole process tree (Ray workers included): "
-                  f"{memory.peak.pss_bytes / 2**30:.2f} GiB PSS ({memory.peak.rss_bytes / 2**30:.2f} GiB RSS summed)")
-    console.print(f"wrote {out / RESULTS_FILE} and {plot}")
+
+
+def prepare_scenario(configs: dict[str, dict[str, Any]], names: list[str], edge_devices: int | None) -> int:
+    """Check the run against its scenario before anything trains, build what the scenario builds once (a base to
+    pretrain, data to read and split), and settle how many edge agents get the model."""
+    from fedge.methods import get_method
+    from fedge.pretrained import check_4bit
+    from fedge.scenario import scenario_for
+    from fedge.settings import RunSettings
+    from fedge.training import resolve_device
+
+    settings = RunSettings.from_config(configs[names[0]])
+    text_model = False
+    try:
+        if settings.load_in_4bit:
+            check_4bit(resolve_device(settings.device))
+        scenario = scenario_for(settings)
+        for name in names:
+            get_method(name).check_scenario(scenario)
+        text_model = scenario.task != "classification" or callable(getattr(scenario, "tokenizer", None))
+        if text_model and edge_devices:
+            raise ValueError(f"deploying a {scenario.task} text model to edge agents is not available yet (the agents "
+                             "serve classifiers of feature tensors); run with --edge-devices 0")
+        scenario.base_model()  # a scenario that pretrains its base does it here, with its own progress bar
+        for p in range(settings.num_clients):
+            scenario.client_data(p, settings.num_clients)
+    except (ValueError, RuntimeError) as err:
+        raise typer.BadParameter(str(err)) from err
+    return (0 if text_model else 2) if edge_devices is None else edge_devices
 
 
 def simulate_method(config: dict[str, Any], progress: Any, task: Any, memory: Any, title: str) -> Any:
     """One federation (its results kept in process: `fedge run` writes one results.json for all it ran); its
-    per-round table, and its wall time and peak memory per round added to its entry."""
-    from fedge.results import round_table
+    per-round lines and table, and its wall time and peak memory per round added to its entry."""
+    from fedge.results import round_line, round_table
     from fedge.sim.runner import simulate
 
     rows: list[dict[str, Any]] = []
@@ -208,7 +243,9 @@ def simulate_method(config: dict[str, Any], progress: Any, task: Any, memory: An
     def on_round(_: str, row: dict[str, Any]) -> None:
         rows.append(row)
         laps.append(memory.lap().pss_bytes)
-        progress.update(task, advance=1, note=f"acc {row['accuracy']:.3f}  up {row['uplink_bytes'] / 1e3:.0f} KB")
+        quality = f"ppl {row['perplexity']:.2f}" if "perplexity" in row else f"acc {row['accuracy']:.3f}"
+        progress.update(task, advance=1, note=f"{quality}  up {row['uplink_bytes'] / 1e3:.0f} KB")
+        progress.console.print(round_line(title, row))
 
     outcome = simulate(config, on_round=on_round, record=False)
     seconds = [r["round_seconds"] for r in rows]

@@ -36,12 +36,9 @@ neither imports scikit-learn nor SciPy nor redraws its camera shift.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-from collections.abc import Callable
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,9 +48,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedge.atomic_file import atomic_write
 from fedge.progress import report
 from fedge.scenario import ClientData
+from fedge.sim.cache import cache_dir, cached_arrays
 from fedge.sim.partition import dirichlet_draw, dirichlet_partition
 from fedge.sim.shifts import CameraShift
 from fedge.tiers import tier_for
@@ -68,24 +65,6 @@ MAX_DISJOINT_CLIENTS = 50
 DRAWN_TRAIN, DRAWN_TEST = 22, 10
 #: version of the cached arrays (the upscaled digits, the client shards): change it when the code making them changes
 DATA_VERSION = 2
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FEDGE_CACHE", Path.home() / ".cache" / "fedge"))
-
-
-def cached_arrays(name: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """`cache_dir()/name` (an .npz of named arrays), made by `make()` the first time (any process) and written atomically."""
-    path = cache_dir() / name
-    if path.exists():
-        with np.load(path) as stored:
-            return {k: stored[k] for k in stored.files}
-    arrays: dict[str, np.ndarray] = make()
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, buffer.getvalue())
-    return arrays
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:

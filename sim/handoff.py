@@ -23,14 +23,14 @@ from fedge.federated_model import merged_copy
 from fedge.methods import resolve
 from fedge.outputs import CHECKPOINTS
 from fedge.results import RESULTS_FILE, load_results
-from fedge.scenario import fleet_test_data, load_scenario
+from fedge.scenario import fleet_test_data, scenario_for
 from fedge.server.checkpoints import MANIFEST, load_checkpoint
 
 
 def final_model(config: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> nn.Module:
     """The global model of a finished run (`state`: its exchanged arrays), adapters merged into an fp32 copy."""
     spec = resolve(config)
-    scenario = load_scenario(spec.settings.scenario, **spec.settings.scenario_options())
+    scenario = scenario_for(spec.settings)
     model = spec.method.build_model(scenario, spec.settings)
     spec.method.load_state(model, state)
     return merged_copy(model)
@@ -39,7 +39,7 @@ def final_model(config: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> n
 def fleet_data(config: Mapping[str, Any]) -> TensorDataset:
     """The union of the run's clients' target-domain test splits."""
     spec = resolve(config)
-    scenario = load_scenario(spec.settings.scenario, **spec.settings.scenario_options())
+    scenario = scenario_for(spec.settings)
     return fleet_test_data(scenario, spec.settings.num_clients)
 
 
@@ -87,7 +87,7 @@ def checkpoint_source(folder: Path) -> ExportSource:
                         "run the federation again to export it")
     spec = resolve(ckpt.config)
     settings = spec.settings
-    scenario = load_scenario(settings.scenario, **settings.scenario_options())
+    scenario = scenario_for(settings)
     test = fleet_test_data(scenario, settings.num_clients)
     calibration = torch.cat([scenario.client_data(p, settings.num_clients).train.tensors[0]
                              for p in range(settings.num_clients)])[:512]

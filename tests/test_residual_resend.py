@@ -1,5 +1,7 @@
 """Error feedback across a resent round: the node starts over from the residual the round began with."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -41,7 +43,8 @@ def _job(server_round: int) -> Job:
     model = inject_lora(_Tiny(), ["fc1", "fc2"], rank=4, alpha=8, seed=0)
     spec = resolve({"method": "flasc", "local-epochs": 1, "batch-size": 8, "flasc.density-up": 0.1})
     data = ClientData(train=_data(32, 1), test=_data(8, 2), tier=TIERS["strong"])
-    return Job(spec, 0, data, None, model, spec.method.exchanged_state(model), server_round,  # type: ignore[arg-type]
+    scenario = SimpleNamespace(task="classification")  # the job reads only the scenario's task
+    return Job(spec, 0, data, scenario, model, spec.method.exchanged_state(model), server_round,  # type: ignore[arg-type]
                torch.device("cpu"))
 
 

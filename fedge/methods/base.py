@@ -24,10 +24,10 @@ from fedge.codecs import available_codecs
 from fedge.federated_model import build_federated_model, exchanged_state, fold_lora, load_exchanged_state
 from fedge.messages import ARRAYS_RECORD, METRICS_RECORD, SERVER_ROUND_KEY
 from fedge.registry import Registry
-from fedge.scenario import SCENARIOS, ClientData, Scenario
+from fedge.scenario import SCENARIOS, ClientData, Scenario, scenario_options
 from fedge.settings import ConfigSection, NoOptions, RunSettings
 from fedge.state import from_record
-from fedge.training import evaluate
+from fedge.training import TrainStats, autocast_dtype, evaluate, train_epochs
 
 
 @dataclass
@@ -78,6 +78,13 @@ class Job:
         """Distinct per run, round and client, reproducible across reruns."""
         return self.settings.seed * 100_003 + self.server_round * 1_009 + self.partition_id
 
+    def train_local(self) -> TrainStats:
+        """The run's local epochs on the node's train split, for the scenario's task and in the run's precision."""
+        s = self.settings
+        return train_epochs(self.model, self.data.train, epochs=s.local_epochs, lr=self.lr, batch_size=s.batch_size,
+                            device=self.device, seed=self.seed, task=self.scenario.task,
+                            autocast=autocast_dtype(s.precision, self.device))
+
 
 #: a client handler: one message in, its reply out (the Context holds what the node keeps between rounds)
 Handler = Callable[[Job, Message, Context], Message]
@@ -93,13 +100,19 @@ def receive_arrays(msg: Message, initial: OrderedDict[str, np.ndarray], spec: Ru
 
 
 def evaluate_global(job: Job, msg: Message, context: Context) -> Message:
-    """The global model on the client's own test split; without a personal model it is also what the client serves."""
-    result = evaluate(job.model, job.data.test, device=job.device)
+    """The global model on the client's own test split; without a personal model it is also what the client serves.
+
+    `num-examples` counts predictions (samples; a causal LM's real next tokens) and `loss-sum` sums their loss,
+    so the server pools clients exactly (accuracy, perplexity).
+    """
+    result = evaluate(job.model, job.data.test, device=job.device, task=job.scenario.task)
     metrics = MetricRecord({
-        "num-examples": result.num_examples,
+        "num-examples": result.predictions,
         "correct": result.correct,
         "accuracy": result.accuracy,
+        "loss-sum": result.loss_sum,
         "personal-correct": result.correct,
+        "personal-loss-sum": result.loss_sum,
         "mean-entropy": result.mean_entropy,
         "partition-id": job.partition_id,
     })
@@ -126,10 +139,18 @@ class Method:
     downlink: str = "dense"
     #: whether its strategy can send coded downloads (`fedge.methods.downlink`)
     coded_downlink: bool = False
+    #: why the method cannot run on a scenario ("" where it can)
+    unsupported: Callable[[Scenario], str] = field(default=lambda scenario: "")
+
+    def check_scenario(self, scenario: Scenario) -> None:
+        """Refuse, before anything trains, a scenario the method cannot run on, saying why."""
+        reason = self.unsupported(scenario)
+        if reason:
+            raise ValueError(f"{self.name} cannot run on scenario {scenario.name!r} ({scenario.task}): {reason}")
 
     def build_model(self, scenario: Scenario, settings: RunSettings) -> nn.Module:
         return build_federated_model(scenario, self.payload, rank=settings.lora_rank, alpha=settings.lora_alpha,
-                                     seed=settings.seed)
+                                     seed=settings.seed, targets=settings.targets())
 
     def exchanged_state(self, model: nn.Module) -> OrderedDict[str, np.ndarray]:
         return exchanged_state(model, self.payload)
@@ -180,6 +201,7 @@ def resolve(config: Mapping[str, Any]) -> RunSpec:
     settings = RunSettings.from_config(config)
     settings.validate()
     SCENARIOS.get(settings.scenario)  # an unknown scenario is refused with the known ones
+    scenario_options(settings)  # the scenario options the run sets are ones its scenario takes
     method = get_method(settings.method)
     own = {k[len(method.name) + 1:]: v for k, v in config.items() if k.startswith(method.name + ".")}
     options = method.options.from_config(own)

@@ -34,7 +34,6 @@ from fedge.methods.base import Job, Method, RunSpec, register_method, sampling
 from fedge.methods.downlink import CodedDownloads, Downlink, make_downlink
 from fedge.settings import ConfigSection
 from fedge.state import add, from_record, subtract, to_record
-from fedge.training import train_epochs
 
 log = logging.getLogger("fedge.server")
 
@@ -112,9 +111,8 @@ def upload_codec(options: Any, codec: str) -> Codec:
 
 def train_compressed(job: Job, msg: Message, context: Context, *, codec: str) -> Message:
     """Train; send update + residual as one envelope of `codec`; keep what the codec dropped."""
-    settings, options = job.settings, job.options
-    stats = train_epochs(job.model, job.data.train, epochs=settings.local_epochs, lr=job.lr,
-                         batch_size=settings.batch_size, device=job.device, seed=job.seed)
+    options = job.options
+    stats = job.train_local()
     update = subtract(job.method.exchanged_state(job.model.cpu()), job.global_state)
     residual = residual_for_round(context, update, job.server_round) if options.error_feedback else None
     if residual is not None:

@@ -22,13 +22,11 @@ from fedge.messages import ARRAYS_RECORD, METRICS_RECORD, scalar
 from fedge.methods.base import Job, Method, RunSpec, register_method, sampling
 from fedge.methods.downlink import CodedDownloads, make_downlink
 from fedge.state import from_record, to_record
-from fedge.training import train_epochs
 
 
 def train_plain(job: Job, msg: Message, context: Context) -> Message:
     """Train the exchanged parameters and send them back whole (fp32, Flower's ArrayRecord)."""
-    stats = train_epochs(job.model, job.data.train, epochs=job.settings.local_epochs, lr=job.lr,
-                         batch_size=job.settings.batch_size, device=job.device, seed=job.seed)
+    stats = job.train_local()
     metrics = MetricRecord({"num-examples": stats.num_examples, "train-loss": stats.loss, "partition-id": job.partition_id})
     state = job.method.exchanged_state(job.model.cpu())
     return Message(RecordDict({ARRAYS_RECORD: to_record(state), METRICS_RECORD: metrics}), reply_to=msg)

@@ -26,6 +26,7 @@ from fedge.methods.base import Method, RunSpec, register_method, sampling
 from fedge.methods.pfedgate.blocks import PHASE_KEY
 from fedge.methods.pfedgate.client import evaluate_pfedgate, train_pfedgate
 from fedge.methods.pfedgate.strategy import BlockAvgStrategy
+from fedge.scenario import Scenario
 from fedge.settings import ConfigSection
 
 
@@ -46,9 +47,18 @@ def _strategy(spec: RunSpec, initial: OrderedDict[str, np.ndarray]) -> Strategy:
                             timeout=spec.settings.round_timeout, seed=spec.settings.seed, **sampling(spec.settings))
 
 
+def unsupported(scenario: Scenario) -> str:
+    """pFedGate's gate scores blocks from the inputs themselves (pooled, batch-normalised features); token ids, what
+    text scenarios (a causal LM's, or a text classifier's) feed their models, are not features."""
+    if scenario.task == "classification" and not callable(getattr(scenario, "tokenizer", None)):
+        return ""
+    return ("its gate scores the model's blocks from each input's features (pooled, through BatchNorm), and this "
+            "scenario's inputs are token ids; use lora-fedavg, ffa-lora, fedzip, flasc, ternary, q8 or q4")
+
+
 register_method(Method(
     "pfedgate", "pFedGate: a personal gate per client scores blocks of the shared model; a knapsack under the "
                 "device's sparsity budget keeps and scales blocks; only kept blocks go up, averaged per block.",
     payload="full", train=train_pfedgate, evaluate=evaluate_pfedgate, strategy=_strategy, options=PFedGateOptions,
-    lr=2e-3, protocol_keys=(PHASE_KEY,),
+    lr=2e-3, protocol_keys=(PHASE_KEY,), unsupported=unsupported,
 ))
