@@ -111,7 +111,7 @@ def test_export_refuses_a_checkpoint_given_as_weights_and_a_folder_without_a_run
     fails(["export", "--from", str(tmp_path / "nowhere")], "no such folder", code=1)
     fails(["export", "--from", str(tmp_path)], "no results.json and no checkpoint there", code=1)
     fails(["export", "--method", "fedzip"], "--method picks a method of a run", code=2)
-    fails(["export", "--from", str(tmp_path), "--weights", str(ckpt)], "give one of --from, --checkpoint and --weights")
+    fails(["export", "--from", str(tmp_path), "--weights", str(ckpt)], "give one of --from, --checkpoint, --weights and --adapter")
 
 
 def test_export_names_the_methods_a_run_has(tmp_path: Path) -> None:

@@ -138,6 +138,6 @@ def test_a_refused_deployment_says_which_device_refused_and_why(tmp_path: Path) 
         deploy_to_edge(collapsed(trained_model()), target_data(), devices=2, workdir=tmp_path, timeout_s=90.0)
     assert time.monotonic() - started < 80  # the refusals end the wait; it does not run into the timeout
     assert isinstance(refused.value, UserError)
-    assert "v1 was refused: edge-0: canary failed: collapsed" in refused.value.message
-    assert "edge-1: canary failed: collapsed" in refused.value.message
+    assert "v1 was refused: edge-0: no format passed: int8: canary failed: collapsed" in refused.value.message
+    assert "edge-1: no format passed: int8: canary failed: collapsed" in refused.value.message
     assert str(tmp_path / "agents") in refused.value.hint

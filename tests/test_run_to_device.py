@@ -58,7 +58,7 @@ def test_a_runs_federated_model_reaches_an_agent(tmp_path: Path) -> None:
         out = fedge("registry", "publish", str(export), "--registry", address, "--token", token,
                     cwd=tmp_path)
         assert out.startswith("published v1")
-        telemetry = wait_for_fleet(address, 1, ["cam-0"], {"cam-0": samples}, timeout=120)["cam-0"]
+        telemetry = wait_for_fleet(address, 1, ["cam-0"], {"cam-0": samples}, timeout=120)["cam-0"].last_telemetry
         # Every held-out sample served once on the device: its accuracy is the federated model's, far above the base's.
         assert telemetry.accuracy == pytest.approx(federated, abs=1e-6)
         status = fedge("registry", "status", "--registry", address, cwd=tmp_path)
