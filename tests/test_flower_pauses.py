@@ -67,3 +67,47 @@ def test_a_supernode_loop_it_does_not_know_is_refused(tmp_path: Path, monkeypatc
 
     with pytest.raises(PauseRefused, match="not the SuperNode loop of Flower 1.39"):
         shorten_supernode_pauses(other_supernode_loop, 0.1, 0.05)
+
+
+STOP_A_SUPERNODE_THAT_HANGS_AT_EXIT = """
+import threading
+import fedge.client.supernode as supernode
+supernode.EXIT_DEADLINE_S = 2.0
+
+
+class Finalizer:
+    def __del__(self):  # never returns, as grpcio's deadlocked channel finalizer, once no other thread may run
+        lock = threading.Lock()
+        lock.acquire()
+        lock.acquire()
+
+
+held = Finalizer()  # finalized with this module, after Python has stopped its daemon threads
+supernode.run_supernode(["--insecure", "--superlink", "127.0.0.1:9", "--port", "{port}", "--isolation", "process"])
+"""
+
+
+def test_a_supernode_that_hangs_while_stopping_is_ended_by_its_deadline() -> None:
+    import signal
+    import time
+
+    from fedge.server.local_deployment import free_port
+
+    script = STOP_A_SUPERNODE_THAT_HANGS_AT_EXIT.format(port=free_port())
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # started: its Runtime API serves (Flower's exit handlers are in place by then)
+            if "Uvicorn running" in line:
+                break
+        time.sleep(2)
+        assert proc.poll() is None, proc.communicate()[0]
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)  # without the deadline it would wait forever on the finalizer
+        print(f"ended {time.monotonic() - started:.1f} s after SIGTERM")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Timeout (0:00:02)!" in out, out[-2000:]  # faulthandler's report, then its exit
