@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedge.edge.scoring import scored
+
 #: Inputs in a version's reference set (held out from INT8 calibration).
 REFERENCE_SAMPLES = 64
 
@@ -27,8 +29,8 @@ class ReferenceError(ValueError):
 class Agreement:
     """A candidate against fp32 on the same inputs."""
 
-    samples: int
-    top1: float            # share of inputs where both pick the same class
+    samples: int           # predictions compared (a language model's: next tokens)
+    top1: float            # share of them where both pick the same class
     max_logit_diff: float  # max |candidate - fp32| over inputs and classes (logit units)
     logit_range: float     # fp32's typical logit range (median over inputs of max - min): the scale of the above
 
@@ -42,10 +44,15 @@ class Agreement:
                 f"({self.relative_diff:.1%} of fp32's logit range) on {self.samples} inputs")
 
 
-def agreement(candidate: np.ndarray, reference: np.ndarray) -> Agreement:
-    """Compare two logit batches (same inputs, same order)."""
-    if candidate.shape != reference.shape or candidate.ndim != 2 or not len(reference):
+def agreement(candidate: np.ndarray, reference: np.ndarray, inputs: np.ndarray | None = None) -> Agreement:
+    """Compare two logit batches (same inputs, same order); a causal LM's on the next-token predictions of its
+    `inputs` (a token batch), so padding never counts."""
+    if candidate.shape != reference.shape or not len(reference):
         raise ValueError(f"logits of shape {candidate.shape} cannot be compared with {reference.shape}")
+    if candidate.ndim == 3 and inputs is not None:
+        candidate, reference = scored(inputs, candidate)[0], scored(inputs, reference)[0]
+    if candidate.ndim != 2:
+        raise ValueError(f"logits of shape {candidate.shape}: give the inputs to compare a language model's")
     diff = np.abs(candidate.astype(np.float64) - reference.astype(np.float64))
     spread = reference.max(axis=1) - reference.min(axis=1)
     return Agreement(samples=len(reference), top1=float((candidate.argmax(1) == reference.argmax(1)).mean()),

@@ -284,7 +284,7 @@ def edge_deploy(
     with progress_bars():
         source = model_source(from_run, method, checkpoint, scenario, None)
         report = deploy_to_edge(source.model, TensorDataset(source.eval_x, source.eval_y), devices, workdir,
-                                precisions=precisions, emulate=emulate)
+                                precisions=precisions, emulate=emulate, task=source.task)
     origin = source.origin
     what = (f"{origin['method']} (federated, round {origin['round']})" if origin.get("model") == "federated"
             else f"{origin['scenario']} base model")

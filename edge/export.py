@@ -90,7 +90,8 @@ def accuracy(onnx_bytes: bytes, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def quantize_int8_dynamic(onnx_bytes: bytes) -> bytes:
-    """INT8 weights, activations quantized per batch at run time: needs no calibration data.
+    """INT8 weights (7-bit, as `quantize_int8_qdq`'s, so x86 without VNNI sums its products exactly), activations
+    quantized per batch at run time: needs no calibration data.
 
     Smallest accuracy risk, but on ONNX Runtime CPU its ConvInteger path is
     slower than fp32, and TensorRT cannot build it; prefer `quantize_int8_qdq`
@@ -101,7 +102,7 @@ def quantize_int8_dynamic(onnx_bytes: bytes) -> bytes:
     with tempfile.TemporaryDirectory() as tmp, _quiet_loggers("root"):
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(onnx_bytes)
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False, reduce_range=True)
         out = dst.read_bytes()
     onnx.checker.check_model(onnx.load_from_string(out))
     return out
@@ -441,6 +442,7 @@ def export_causal_lm(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
         "eval_sequences": len(input_ids),
         "eval_tokens": int(attention_mask[:, 1:].sum()),
         "torch_perplexity": next_token_scores(expected, input_ids, attention_mask)["perplexity"],
+        "host": detect().as_dict(),  # the CPU the figures below were measured on
         "fp32_perplexity": fp32_scores["perplexity"],
         "fp32_next_token_accuracy": fp32_scores["next_token_accuracy"],
         "torch_version": torch.__version__,
@@ -463,6 +465,24 @@ def export_causal_lm(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
 
 
 # ---- `fedge export` ---------------------------------------------------------------------
+
+
+def device_samples(x: torch.Tensor, y: torch.Tensor, task: str = "classification") -> dict[str, np.ndarray]:
+    """Held-out data as an agent reads it (`fedge edge agent --data`): a classifier's `x` and `y`, or a causal LM's
+    `input_ids` and `attention_mask` (its `x` and `y` here: token ids and mask)."""
+    if task == "causal-lm":
+        return {"input_ids": x.numpy().astype(np.int64), "attention_mask": y.numpy().astype(np.int64)}
+    return {"x": x.float().numpy(), "y": y.numpy().astype(np.int64)}
+
+
+def export_version(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str = "classification", *,
+                   calibration_x: torch.Tensor | None = None, reference_x: torch.Tensor | None = None,
+                   architecture: str = "") -> ExportResult:
+    """One version of `model` for a fleet: a classifier's fp32/int8/fp16 formats and reference set
+    (`export_model`), or a causal LM's fp32 and int8 (`export_causal_lm`; `x`, `y`: token ids and mask)."""
+    if task == "causal-lm":
+        return export_causal_lm(model, x, y, architecture=architecture)
+    return export_model(model, x, y, calibration_x=calibration_x, reference_x=reference_x, architecture=architecture)
 
 
 @dataclass
@@ -534,7 +554,7 @@ def export(out_dir: str | Path, source: ExportSource, int8_mode: str = "qdq", fp
     samples it was checked on (samples.npz: x, y; what an agent can serve); the report.
 
     A causal LM (`source.task`, its eval tensors token ids and attention mask) writes model.onnx and a dynamic
-    model.int8.onnx with their held-out perplexity, and no samples (agents serve classifiers).
+    model.int8.onnx with their held-out perplexity, and its held-out sequences as samples.
     """
     if source.task == "causal-lm":
         result = export_causal_lm(source.model, source.eval_x, source.eval_y, architecture=source.architecture)
@@ -545,9 +565,8 @@ def export(out_dir: str | Path, source: ExportSource, int8_mode: str = "qdq", fp
     out = Path(out_dir)
     index = write_bundle(out, result.formats, {**source.origin, **result.metadata})  # the origin travels signed
     files = {name: str(out / f["file"]) for name, f in json.loads(index.read_text())["formats"].items()}
-    # the held-out inputs and labels the export was checked on, in the agent's format (`fedge edge agent --data`)
-    if source.task != "causal-lm":
-        np.savez(out / SAMPLES_FILE, x=source.eval_x.float().numpy(), y=source.eval_y.numpy().astype(np.int64))
+    # the held-out inputs (and labels) the export was checked on, in the agent's format (`fedge edge agent --data`)
+    np.savez(out / SAMPLES_FILE, **device_samples(source.eval_x, source.eval_y, source.task))
     summary = {**source.origin, "fp32_bytes": len(result.fp32), "files": files, **result.metadata}
     (out / EXPORT_REPORT).write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary

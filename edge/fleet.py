@@ -26,7 +26,7 @@ from torch.utils.data import TensorDataset
 
 from fedge.edge.agreement import REFERENCE_SAMPLES
 from fedge.edge.artifacts import BundleFile
-from fedge.edge.export import ExportResult, export_model
+from fedge.edge.export import ExportResult, device_samples, export_version
 from fedge.edge.publish import fleet_status, publish
 from fedge.errors import UserError
 from fedge.processes import ChildProcess
@@ -113,20 +113,23 @@ def wait_for_fleet(address: str, version: int, devices: list[str], min_predictio
                       "see the agents' logs")
 
 
-def _shards(data: TensorDataset, devices: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    x, y = (t.numpy() for t in data.tensors[:2])
-    if len(x) >= 2 * devices:
-        return list(zip(np.array_split(x.astype(np.float32), devices), np.array_split(y.astype(np.int64), devices)))
-    return [(x.astype(np.float32), y.astype(np.int64))] * devices
+def _shards(data: TensorDataset, devices: int, task: str) -> list[dict[str, np.ndarray]]:
+    """Each device's part of the test data, as its agent reads it (`--data`); all of it for each when it is small."""
+    arrays = device_samples(*data.tensors[:2], task=task)
+    n = len(next(iter(arrays.values())))
+    parts = np.array_split(np.arange(n), devices) if n >= 2 * devices else [np.arange(n)] * devices
+    return [{name: a[part] for name, a in arrays.items()} for part in parts]
 
 
 def deploy_to_edge(model: nn.Module, test_data: TensorDataset, devices: int, workdir: str | Path,
                    timeout_s: float = 120.0, precisions: list[str] | None = None,
-                   emulate: list[str] | None = None) -> dict[str, Any]:
-    """Export `model` as one version (fp32, int8, fp16, a reference set), publish it, and wait until `devices` edge
-    agents serve it, each in the smallest format that passes its checks against fp32 on its own inputs.
+                   emulate: list[str] | None = None, task: str = "classification") -> dict[str, Any]:
+    """Export `model` as one version (fp32, int8, fp16, a reference set; a causal LM: fp32 and int8), publish it,
+    and wait until `devices` edge agents serve it, each in the smallest format that passes its checks against fp32
+    on its own inputs.
 
-    Each agent serves its shard of `test_data` (labelled) once, request by
+    Each agent serves its shard of `test_data` (labelled; a causal LM's: token
+    ids and attention mask, labelled by their next tokens) once, request by
     request, so the returned accuracy and p50 latency (batch 1) come from the
     devices' own telemetry, in the format each chose (results.json's "edge" entry).
     `precisions`: per device, what it declares it takes (e.g. "fp16,fp32"; "" for
@@ -145,26 +148,26 @@ def deploy_to_edge(model: nn.Module, test_data: TensorDataset, devices: int, wor
     order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(0))
     held_out = order[: min(REFERENCE_SAMPLES, len(x_all) // 4)]
     calibration = order[len(held_out):] if len(order) > len(held_out) else order
-    result = export_model(model, x_all, y_all, calibration_x=x_all[calibration], reference_x=x_all[held_out])
+    result = export_version(model, x_all, y_all, task, calibration_x=x_all[calibration], reference_x=x_all[held_out])
     token = secrets.token_hex(16)
-    task = f"edge: registry and {devices} agents"
-    report(task, 0, devices + 1)
+    step = f"edge: registry and {devices} agents"
+    report(step, 0, devices + 1)
     registry, address, public_key = start_registry(workdir / REGISTRY_DIR, token)
     agents: list[ChildProcess] = []
     try:
         names, sizes = [], {}
-        for i, (x, y) in enumerate(_shards(test_data, devices)):
+        for i, shard in enumerate(_shards(test_data, devices, task)):
             name = f"edge-{i}"
             data_path = workdir / AGENTS_DIR / name / "data.npz"
             data_path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(data_path, x=x, y=y)
+            np.savez(data_path, **shard)
             declared, cpu = (_nth(options, i) for options in (precisions, emulate))
             extra = ["--serve-passes", "1", *(["--precisions", declared] if declared else [])]  # each sample once
             agents.append(start_agent(address, name, public_key, workdir / AGENTS_DIR / name, data_path, tier_for(i).tier,
                                       extra=extra, launcher=emulator(cpu) if cpu else None))
             names.append(name)
-            sizes[name] = len(x)
-            report(task, i + 2, devices + 1)
+            sizes[name] = len(next(iter(shard.values())))
+            report(step, i + 2, devices + 1)
         reply = publish(address, token, result.formats, result.metadata)
         try:
             fleet = wait_for_fleet(address, reply.version, names, sizes, timeout_s)
@@ -210,7 +213,7 @@ def edge_report(result: ExportResult, reply: edge_pb2.PublishReply,
 def _format_report(entry: BundleFile) -> dict[str, Any]:
     meta = entry.metadata
     report: dict[str, Any] = {"bytes": len(entry.data)}
-    for key in ("accuracy", "weight_bits", "mode"):
+    for key in ("accuracy", "perplexity", "weight_bits", "mode"):
         if key in meta:
             report[key] = meta[key]
     if "agreement_vs_fp32" in meta:

@@ -13,6 +13,8 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
+from fedge.edge.scoring import feeds
+
 RUNTIMES = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
 _ORT_PROVIDERS = {
     "onnxruntime-tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -22,7 +24,7 @@ _ORT_PROVIDERS = {
 
 
 class Model(Protocol):
-    """A loaded, servable model: float32 batch in, float32 logits out."""
+    """A loaded, servable model: a batch in (features, or a token batch: `fedge.edge.scoring`), float32 logits out."""
 
     runtime: str
 
@@ -71,10 +73,10 @@ class OnnxRuntimeModel:
     def __init__(self, onnx_bytes: bytes, runtime: str = "onnxruntime-cpu", threads: int = 0) -> None:
         self.runtime = runtime
         self.session = ort_session(onnx_bytes, runtime, threads)
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        out = self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        out = self.session.run(None, feeds(self.input_names, x))[0]
         return np.asarray(out, dtype=np.float32)
 
 

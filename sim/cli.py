@@ -117,7 +117,7 @@ def run(
         "--run-config", help="Flower-style overrides, e.g. \"density-up=0.0625 flasc.server-opt='adamw'\" (repeatable)")] = None,
     edge_devices: Annotated[int | None, typer.Option(
         min=0, help="edge agents (separate processes on loopback) that receive the first method's final model; 0: none "
-                    "(default 2; 0 for text models, whose deployment to agents is not available yet)")] = None,
+                    "(default 2; 0 for text models, whose ONNX export takes longer: ask for it, causal LMs deploy)")] = None,
 ) -> None:
     """Run federations of the given methods on a scenario, with Flower's simulation runtime, then deploy to the edge."""
     from fedge.methods import available_methods
@@ -218,9 +218,11 @@ def prepare_scenario(configs: dict[str, dict[str, Any]], names: list[str], edge_
         for name in names:
             get_method(name).check_scenario(scenario)
         text_model = scenario.task != "classification" or callable(getattr(scenario, "tokenizer", None))
-        if text_model and edge_devices:
-            raise ValueError(f"deploying a {scenario.task} text model to edge agents is not available yet (the agents "
-                             "serve classifiers of feature tensors); run with --edge-devices 0")
+        if edge_devices and text_model and scenario.task != "causal-lm":
+            raise ValueError(f"edge agents serve classifiers of feature tensors and causal language models, not "
+                             f"{scenario.task} of text; run with --edge-devices 0")
+        if edge_devices and settings.load_in_4bit:
+            raise ValueError("a 4-bit base does not export to ONNX; run with --edge-devices 0")
         scenario.base_model()  # a scenario that pretrains its base does it here, with its own progress bar
         for p in range(settings.num_clients):
             scenario.client_data(p, settings.num_clients)
@@ -265,18 +267,26 @@ def deploy_final(config: dict[str, Any], arrays: Any, devices: int, workdir: Pat
     """Export the run's final model and push it to `devices` edge agents; returns results.json's "edge" entry."""
     from fedge.edge.capabilities import describe
     from fedge.edge.fleet import deploy_to_edge
+    from fedge.scenario import scenario_for
+    from fedge.settings import RunSettings
     from fedge.sim.handoff import final_model, fleet_data
     from fedge.state import from_record
 
-    edge = deploy_to_edge(final_model(config, from_record(arrays)), fleet_data(config), devices, workdir)
+    task = scenario_for(RunSettings.from_config(config)).task
+    edge = deploy_to_edge(final_model(config, from_record(arrays)), fleet_data(config), devices, workdir, task=task)
     fp32, int8 = edge["fp32"], edge["int8"]
     served = ", ".join(f"{n} {fmt}" for fmt, n in sorted(edge["formats_served"].items()))
+    if task == "causal-lm":
+        quality = (f"fp32 {fp32['bytes'] / 1e6:.2f} MB at perplexity {fp32['perplexity']:.2f} (max |onnx - torch| "
+                   f"{edge['artifact']['max_abs_diff_vs_torch']:.1e}), int8 {int8['bytes'] / 1e6:.2f} MB at perplexity "
+                   f"{int8['perplexity']:.2f}; fleet next-token accuracy")
+    else:
+        quality = (f"fp32 {fp32['bytes'] / 1e6:.2f} MB at accuracy {fp32['accuracy']:.4f} (max |onnx - torch| "
+                   f"{edge['artifact']['max_abs_diff_vs_torch']:.1e}), int8 {int8['bytes'] / 1e6:.2f} MB at accuracy "
+                   f"{int8['accuracy']:.4f} (top-1 agreement with fp32 {int8['agreement_vs_fp32']:.4f}), measured on "
+                   f"{describe(edge['host'])}; fleet accuracy")
     console.print(f"edge: {edge['deployed']}/{edge['devices']} agents serve {config['method']} ({served}) on "
-                  f"{edge['runtime']}; fp32 {fp32['bytes'] / 1e6:.2f} MB at accuracy {fp32['accuracy']:.4f} "
-                  f"(max |onnx - torch| {edge['artifact']['max_abs_diff_vs_torch']:.1e}), int8 "
-                  f"{int8['bytes'] / 1e6:.2f} MB at accuracy {int8['accuracy']:.4f} (top-1 agreement with fp32 "
-                  f"{int8['agreement_vs_fp32']:.4f}), measured on {describe(edge['host'])}; fleet accuracy "
-                  f"{edge['accuracy']:.4f}, p50 {edge['p50_latency_ms']:.2f} ms")
+                  f"{edge['runtime']}; {quality} {edge['accuracy']:.4f}, p50 {edge['p50_latency_ms']:.2f} ms")
     return edge
 
 

@@ -94,7 +94,7 @@ def checkpoint_source(folder: Path) -> ExportSource:
     origin = {"scenario": settings.scenario, "model": "federated", "method": ckpt.method, "round": ckpt.server_round,
               "checkpoint": str(folder), "federated_accuracy": ckpt.fleet.get("accuracy")}
     return ExportSource(final_model(ckpt.config, ckpt.arrays), test.tensors[0], test.tensors[1], calibration,
-                        scenario.architecture, origin)
+                        scenario.architecture, origin, task=scenario.task)
 
 
 def run_source(out: Path | None = None, method: str | None = None, checkpoint: Path | None = None) -> ExportSource:

@@ -125,3 +125,26 @@ def test_tensorrt_module_typechecks_against_the_tensorrt_api() -> None:
                           str(stubs.parent / "tensorrt-check"), "edge/tensorrt_engine.py"],
                          capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_a_token_batch_is_scored_on_its_real_next_tokens_and_fed_by_name() -> None:
+    from fedge.edge.scoring import TOKEN_INPUTS, feeds, pack_tokens, scored
+
+    ids = np.array([[5, 6, 7, 8], [1, 2, 0, 0]])
+    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]])
+    x = pack_tokens(ids, mask)
+    assert x.shape == (2, 2, 4) and x.dtype == np.int64
+    logits = np.random.default_rng(0).normal(size=(2, 4, 9)).astype(np.float32)
+    rows, labels = scored(x, logits)
+    # row 0 predicts tokens 6, 7, 8 from positions 0-2; row 1 only token 2 from position 0 (the rest is padding)
+    assert labels.tolist() == [6, 7, 8, 2]
+    np.testing.assert_array_equal(rows, np.concatenate([logits[0, :3], logits[1, :1]]))
+    fed = feeds(TOKEN_INPUTS, x)
+    np.testing.assert_array_equal(fed["input_ids"], ids) and np.testing.assert_array_equal(fed["attention_mask"], mask)
+    assert feeds(("input",), np.zeros((2, 3)))["input"].dtype == np.float32
+    with pytest.raises(ValueError, match="token inputs"):
+        feeds(("input",), x)
+    with pytest.raises(ValueError, match="logits"):
+        scored(x, logits[:, :3])
+    # a classifier's rows are its logits, labelled by what it was given
+    assert scored(np.zeros((2, 3)), logits[:, 0], np.array([1, 2]))[1].tolist() == [1, 2]

@@ -220,3 +220,39 @@ def test_an_adapted_causal_lm_exports_to_onnx_with_dynamic_batch_and_sequence(ti
         with torch.no_grad():
             expected = reference(x, m).numpy()
         assert np.abs(run_causal_lm_onnx(result.fp32, x.numpy(), m.numpy()) - expected).max() <= 1e-3
+
+
+def test_an_adapted_causal_lm_deploys_to_two_agents_that_score_its_next_tokens(tiny: dict[str, Path],
+                                                                                 tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from fedge.adapters import inject_lora
+    from fedge.edge.export import run_causal_lm_onnx
+    from fedge.edge.fleet import deploy_to_edge
+    from fedge.edge.scoring import pack_tokens, scored
+
+    model = inject_lora(AutoModelForCausalLM.from_pretrained(str(tiny["model"])), ["q_proj", "v_proj"], rank=4, alpha=8,
+                        seed=0)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 300, (12, 24), generator=g)
+    mask = torch.ones_like(ids)
+    mask[3, 10:] = 0  # padding: never scored
+    mask[8, 17:] = 0
+    report = deploy_to_edge(model, TensorDataset(ids, mask), devices=2, workdir=tmp_path, precisions=["", "fp32"],
+                            task="causal-lm")
+    assert report["deployed"] == 2 and report["artifact"]["max_abs_diff_vs_torch"] <= 1e-3
+    assert set(report["artifact"]["formats"]) == {"fp32", "int8"}
+    assert report["fp32"]["perplexity"] > 1 and report["int8"]["bytes"] < report["fp32"]["bytes"]
+    assert report["formats_served"] == {"int8": 1, "fp32": 1}  # edge-1 declared fp32 only
+    shards = dict(zip(("edge-0", "edge-1"), np.array_split(np.arange(len(ids)), 2)))
+    for name, device in report["fleet"].items():
+        check = device["checks"][device["format"]]
+        assert check["passed"] and device["failures"] == 0 and device["predictions"] == len(shards[name])
+        if device["format"] == "int8":  # compared with fp32 on the device's own sequences, token by token
+            assert check["reference"] == "device inputs" and check["top1"] >= 0.95
+            assert check["samples"] == int(mask[shards[name]][:, 1:].sum())
+        # Each device served its sequences once: its accuracy is its format's next-token accuracy on them.
+        served = (tmp_path / "registry" / "artifacts" / "v000001" / f"{device['format']}.bin").read_bytes()
+        x = pack_tokens(ids[shards[name]].numpy(), mask[shards[name]].numpy())
+        rows, labels = scored(x, run_causal_lm_onnx(served, x[:, 0], x[:, 1]))
+        assert device["accuracy"] == pytest.approx(float((rows.argmax(1) == labels).mean()), abs=1e-9)

@@ -44,6 +44,7 @@ from fedge.edge.artifacts import (
 )
 from fedge.edge.capabilities import Capabilities, describe, detect, preferred_precisions
 from fedge.edge.runtime import Model, OnnxRuntimeModel, choose_runtime, load_model
+from fedge.edge.scoring import TOKEN_INPUTS, pack_tokens
 from fedge.edge.tls import open_channel
 from fedge.errors import UserError
 from fedge.protos import edge_pb2, edge_pb2_grpc
@@ -57,7 +58,7 @@ class AgentConfig:
     device_id: str
     workdir: Path
     public_key: Path
-    data: Path | None = None          # .npz with `x` (inputs) and optionally `y` (labels)
+    data: Path | None = None          # .npz: `x` (inputs) and optionally `y` (labels), or an LM's token ids and mask
     tier: str = "mid"
     runtime: str | None = None        # default: best available (see fedge.edge.runtime)
     precisions: tuple[str, ...] | None = None  # declared: what it takes, in order (default: what its capabilities allow)
@@ -306,12 +307,17 @@ class EdgeAgent:
 
 
 def _load_data(path: Path | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A classifier's inputs `x` (and labels `y` where given), or a causal LM's `input_ids` and `attention_mask`
+    (as one token batch: `fedge.edge.scoring`; their labels are the next tokens)."""
     if path is None:
         return None, None
     with np.load(path) as npz:
+        if set(TOKEN_INPUTS) <= set(npz.files):
+            return pack_tokens(npz["input_ids"], npz["attention_mask"]), None
         if "x" not in npz.files:
             raise UserError(f"--data {path} has no array named x (it has {', '.join(npz.files) or 'none'})",
-                            "give an .npz with x (inputs) and optionally y (labels), e.g. `fedge export`'s samples.npz")
+                            "give an .npz with x (inputs) and optionally y (labels), or input_ids and attention_mask "
+                            "for a language model, e.g. `fedge export`'s samples.npz")
         x = np.asarray(npz["x"], dtype=np.float32)
         y = np.asarray(npz["y"], dtype=np.int64) if "y" in npz.files else None
     return x, y

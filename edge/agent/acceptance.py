@@ -158,7 +158,7 @@ class Acceptance:
                                      "this device can run nor a reference set")
             return Accepted(name, model, data, accuracy, (FormatCheck(name, True),))
         logits = out if ref.source == DEVICE_INPUTS and out is not None else model.predict(ref.inputs)
-        result = agreement(logits, ref.logits)
+        result = agreement(logits, ref.logits, ref.inputs)
         failures = self.thresholds.failures(result)
         if failures:
             raise AgreementError(f"disagrees with fp32 on {result.samples} inputs ({ref.source}): "

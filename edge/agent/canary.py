@@ -1,8 +1,9 @@
 """The canary: a verified candidate runs on a few local inputs and must behave before it may serve.
 
-It must give one row of finite logits per input, as many classes as the serving
-model, not collapse to one class, and (where labels exist) reach an absolute
-accuracy floor and not fall more than `max_accuracy_drop` below the serving model.
+It must give finite logits for every input, as many classes as the serving
+model, not collapse to one class, and (where labels exist: a classifier's own, or
+a language model's next tokens) reach an absolute accuracy floor and not fall
+more than `max_accuracy_drop` below the serving model.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 
 from fedge.edge.agent.serving import Served
 from fedge.edge.runtime import Model
+from fedge.edge.scoring import scored
 
 
 class CanaryError(Exception):
@@ -43,27 +45,31 @@ class Canary:
         if x is None:
             return None
         out = candidate.predict(x) if out is None else out
-        if out.ndim != 2 or out.shape[0] != len(x):
+        if out.ndim not in (2, 3) or out.shape[0] != len(x):
             raise CanaryError(f"output shape {out.shape} for a batch of {len(x)}")
         if current is not None:
-            expected = current.model.predict(x[:1]).shape[1]
-            if out.shape[1] != expected:
-                raise CanaryError(f"{out.shape[1]} classes, serving model has {expected}")
+            expected = current.model.predict(x[:1]).shape[-1]
+            if out.shape[-1] != expected:
+                raise CanaryError(f"{out.shape[-1]} classes, serving model has {expected}")
         if not np.isfinite(out).all():
             raise CanaryError("non-finite outputs")
-        pred = out.argmax(1)
-        if self.y is None:
+        try:
+            rows, y = scored(x, out, None if self.y is None else self.y[: len(x)])
+        except ValueError as err:
+            raise CanaryError(str(err)) from err
+        if y is None:
             return None
-        y = self.y[: len(x)]
-        if len(x) >= 10 and len(np.unique(pred)) == 1 and len(np.unique(y)) > 1:
-            raise CanaryError(f"collapsed: predicts class {int(pred[0])} for all {len(x)} canary inputs")
+        pred = rows.argmax(1)
+        if len(rows) >= 10 and len(np.unique(pred)) == 1 and len(np.unique(y)) > 1:
+            raise CanaryError(f"collapsed: predicts class {int(pred[0])} for all {len(rows)} canary predictions")
         accuracy = float((pred == y).mean())
         if accuracy < self.min_accuracy:
             raise CanaryError(f"accuracy {accuracy:.3f} below the floor {self.min_accuracy:.3f}")
         if current is not None:
             baseline = current.canary_accuracy
             if baseline is None:
-                baseline = float((current.model.predict(x).argmax(1) == y).mean())
+                rows, y = scored(x, current.model.predict(x), y if out.ndim == 2 else None)
+                baseline = float((rows.argmax(1) == y).mean())
             if accuracy < baseline - self.max_accuracy_drop:
                 raise CanaryError(f"accuracy {accuracy:.3f} vs {baseline:.3f} for the serving model")
         return accuracy

@@ -17,6 +17,7 @@ import numpy as np
 
 from fedge.edge.artifacts import Manifest
 from fedge.edge.runtime import Model
+from fedge.edge.scoring import scored
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -47,7 +48,8 @@ class Window:
 
     version: int
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
-    predictions: int = 0
+    predictions: int = 0  # inputs served (a language model's: sequences)
+    scored: int = 0       # predictions scored (a language model's: next tokens)
     labelled: int = 0
     correct: int = 0
     entropy_sum: float = 0.0
@@ -116,24 +118,26 @@ class Serving:
         start = time.perf_counter()
         try:
             logits, version = self.predict(x)
+            latency_ms = (time.perf_counter() - start) * 1000.0
             if not np.isfinite(logits).all():
                 raise FloatingPointError("non-finite outputs")
+            rows, labels = scored(x, logits, y)
         except Exception as err:  # noqa: BLE001 - a live failure of any kind sends us back to the last good model
             with self._window_lock:
                 self._window.failures += 1
             self._on_failure(f"serving failed: {type(err).__name__}: {err}")
             return
-        latency_ms = (time.perf_counter() - start) * 1000.0
         with self._window_lock:
             w = self._window
             if w.version != version:
                 return
             w.latencies_ms.append(latency_ms)
             w.predictions += len(x)
-            w.entropy_sum += float(entropy(logits).sum())
-            if y is not None:
-                w.labelled += len(y)
-                w.correct += int((logits.argmax(1) == y).sum())
+            w.scored += len(rows)
+            w.entropy_sum += float(entropy(rows).sum())
+            if labels is not None:
+                w.labelled += len(labels)
+                w.correct += int((rows.argmax(1) == labels).sum())
 
     def replay(self, x: np.ndarray, y: np.ndarray | None, *, batch: int, passes: int, interval_s: float,
                stop: threading.Event) -> None:

@@ -58,7 +58,7 @@ class Reporter:
             format=served.format if served else "", num_failures=w.failures,
             latency_p50_ms=float(np.percentile(lat, 50)) if len(lat) else 0.0,
             latency_p95_ms=float(np.percentile(lat, 95)) if len(lat) else 0.0,
-            mean_entropy=w.entropy_sum / w.predictions if w.predictions else 0.0,
+            mean_entropy=w.entropy_sum / w.scored if w.scored else 0.0,
             num_predictions=w.predictions, timestamp_unix=time.time())
         if w.labelled:
             msg.accuracy = w.correct / w.labelled
