@@ -247,8 +247,9 @@ def lora_model(scale: float = 0.0, seed: int = 1) -> torch.nn.Module:
 @lru_cache(maxsize=1)
 def unmerged_base() -> BundleFile:
     """The fp32 unmerged format of `lora_model()` (its adapter as overridable initializers), checked as export checks."""
-    from fedge.edge.adapters.export import checked_unmerged, lora_layers, to_onnx_unmerged
+    from fedge.edge.adapters.delta import adapter_tensors
+    from fedge.edge.adapters.export import checked_unmerged, describe, lora_layers, to_onnx_unmerged
 
     model, x = lora_model(), target_data().tensors[0]
     data = _cached("unmerged-r8", lambda: to_onnx_unmerged(model, x[:2])[0])
-    return checked_unmerged(data, lora_layers(model, x[:1]), model, x)
+    return checked_unmerged(data, describe(lora_layers(model, x[:1]), adapter_tensors(data)), model, x)

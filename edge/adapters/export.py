@@ -189,23 +189,24 @@ def max_abs_diff_vs_merged(onnx_bytes: bytes, peft_model: nn.Module, x: torch.Te
     return float(np.abs(run_onnx(onnx_bytes, x.float().numpy()) - expected).max())
 
 
-def describe(layers: list[LoraLayer], tensors: dict[str, np.ndarray], diff: float) -> dict[str, Any]:
+def describe(layers: list[LoraLayer], tensors: dict[str, np.ndarray]) -> dict[str, Any]:
     """What a format's signed metadata says of its adapter."""
     return {"tensors": len(tensors), "parameters": int(sum(v.size for v in tensors.values())),
-            "forms": {layer.path: layer.form for layer in layers}, "max_abs_diff_vs_merged": diff}
+            "forms": {layer.path: layer.form for layer in layers}}
 
 
 def unmerged_format(peft_model: nn.Module, eval_x: torch.Tensor, tolerance: float = 1e-4) -> BundleFile:
     """The fp32 unmerged format of a version: exported, checked against the merged model (fails above `tolerance`)."""
     data, layers = to_onnx_unmerged(peft_model, eval_x[:2])
-    return checked_unmerged(data, layers, peft_model, eval_x, tolerance)
+    return checked_unmerged(data, describe(layers, adapter_tensors(data)), peft_model, eval_x, tolerance)
 
 
-def checked_unmerged(data: bytes, layers: list[LoraLayer], peft_model: nn.Module, eval_x: torch.Tensor,
+def checked_unmerged(data: bytes, adapter: dict[str, Any], peft_model: nn.Module, eval_x: torch.Tensor,
                      tolerance: float = 1e-4) -> BundleFile:
-    """`data` (an unmerged graph holding `peft_model`'s adapter) as a format, once it matches the merged model."""
+    """`data` (an unmerged graph holding `peft_model`'s adapter, described by `adapter`) as a format, once its outputs
+    are the merged model's (raises ExportError above `tolerance`)."""
     diff = max_abs_diff_vs_merged(data, peft_model, eval_x)
     if not diff <= tolerance:
         raise ExportError(f"the unmerged graph differs from the merged model by {diff:.3g} (> {tolerance:g})")
-    return BundleFile(data, "onnx", "fp32", {ADAPTER_META: describe(layers, adapter_tensors(data), diff),
+    return BundleFile(data, "onnx", "fp32", {ADAPTER_META: {**adapter, "max_abs_diff_vs_merged": diff},
                                              "max_abs_diff_vs_torch": diff})

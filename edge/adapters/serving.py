@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from fedge.edge.adapters.delta import bake, with_adapter
-from fedge.edge.runtime import Model, OnnxRuntimeModel
+from fedge.edge.runtime import Model, OnnxRuntimeModel, time_interleaved
 
 MODES = ("auto", "unmerged", "merged")
 #: unmerged adapters serve when they cost at most this much more time than the merged model at batch 1
@@ -106,12 +106,8 @@ def unmerged_cost(onnx_bytes: bytes, runtime: str = "onnxruntime-cpu", threads: 
     merged = OnnxRuntimeModel(bake(onnx_bytes), runtime, threads)
     shape = unmerged.session.get_inputs()[0].shape
     x = np.zeros([1, *(d if isinstance(d, int) else 1 for d in shape[1:])], np.float32)
-    times: dict[str, list[float]] = {"unmerged": [], "merged": []}
-    for _ in range(_PROBE_ROUNDS):
-        for name, model in (("unmerged", unmerged), ("merged", merged)):
-            start = time.perf_counter()
-            model.predict(x)
-            times[name].append(time.perf_counter() - start)
+    times = time_interleaved({"unmerged": partial(unmerged.predict, x), "merged": partial(merged.predict, x)},
+                             _PROBE_ROUNDS)
     return statistics.median(times["unmerged"]) / statistics.median(times["merged"])
 
 
