@@ -106,7 +106,8 @@ class ArtifactFile:
         if self.is_model and self.precision not in PRECISIONS:
             raise ArtifactError(f"{name}: a model's precision must be one of {PRECISIONS}, not {self.precision!r}")
         if self.is_update and any(k not in self.metadata for k in _UPDATE_KEYS):
-            raise ArtifactError(f"{name}: an update ({self.kind}) needs {_UPDATE_KEYS} in its metadata")
+            what = "a weight-only update" if self.kind == WEIGHTS_KIND else "an adapter update"
+            raise ArtifactError(f"{name}: {what} needs {_UPDATE_KEYS} in its metadata")
         if self.kind == "tensorrt" and not self.metadata.get("device_class"):
             raise ArtifactError(f"{name}: an engine plan must say which device class it was built for")
 

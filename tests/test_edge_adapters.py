@@ -150,7 +150,7 @@ def test_adapter_updates_for_another_base_or_corrupt_are_refused_and_the_device_
         wrong, _ = adapter_update(elsewhere, 1, adapter_state(lora_model(scale=0.02)), CODEC)
         reg.publish({FP32_ADAPTER: wrong})
         wait_until(lambda: 2 in agent.rejected and 2 in other.rejected, what="an update for another base refused")
-        assert "updates only against what it serves" in agent.rejected[2]
+        assert "updates apply only to what it serves" in agent.rejected[2]
 
         # v3: a corrupt update: damaged after coding, then signed (so the download verifies, the envelope does not)
         update, target = _v2(base)

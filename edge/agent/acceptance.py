@@ -139,7 +139,7 @@ class Acceptance:
         names = self.candidates(manifest, served)
         if not names:
             raise NoFormatAccepted(f"it has {', '.join(sorted(manifest.models()))}; this device takes "
-                                   f"{', '.join(self.precisions)} (weight updates only against what it serves)", ())
+                                   f"{', '.join(self.precisions)} (updates apply only to what it serves)", ())
         checks: list[FormatCheck] = []
         reference = _LazyReference(self, manifest, served)
         for name in names:
