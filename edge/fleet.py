@@ -232,7 +232,7 @@ def deploy_to_edge(model: nn.Module, test_data: TensorDataset, devices: int, wor
     return edge_report(result, reply, status)
 
 
-def deploy_adapter_updates(start: nn.Module, adapters: list[tuple[str, Mapping[str, np.ndarray]]],
+def deploy_adapter_updates(start: Any, adapters: list[tuple[str, Mapping[str, np.ndarray]]],
                            test_data: TensorDataset, devices: int, workdir: str | Path, codec: Codec | None = None,
                            timeout_s: float = 120.0, precisions: list[str] | None = None,
                            emulate: list[str] | None = None) -> dict[str, Any]:
@@ -248,7 +248,7 @@ def deploy_adapter_updates(start: nn.Module, adapters: list[tuple[str, Mapping[s
     """
     codec = codec or default_codec()
     x_all = test_data.tensors[0]
-    model = copy.deepcopy(start).eval()
+    model: Any = copy.deepcopy(start).eval()  # a peft model
     versions: list[dict[str, Any]] = []
     with LocalFleet(test_data, devices, workdir, precisions, emulate) as fleet:
         result = export_version(model, test_data)
@@ -271,7 +271,7 @@ def deploy_adapter_updates(start: nn.Module, adapters: list[tuple[str, Mapping[s
     return edge
 
 
-def _accuracy(model: nn.Module, adapter: Mapping[str, np.ndarray], test_data: TensorDataset) -> float:
+def _accuracy(model: Any, adapter: Mapping[str, np.ndarray], test_data: TensorDataset) -> float:
     """PyTorch's accuracy of `model` with `adapter` (before any codec): the federation's own model."""
     exact = copy.deepcopy(model)
     load_adapter_state(exact, {k: np.array(v, np.float32) for k, v in adapter.items()})

@@ -198,13 +198,15 @@ def adapter_updates(model: torch.nn.Module, targets: list[str], train: TensorDat
 
     unmerged_v1 = AdapterModel(base.data, "unmerged", threads=threads)
 
-    def apply(mode: str) -> None:  # what a device does: decode, add, rebuild, verify against the signed target, load
+    def apply(mode: str) -> object:  # what a device does: decode, add, rebuild, verify against the signed target, load
         data = apply_adapter_update(base.data, update.data)
-        assert sha256_hex(data) == update.metadata["target_sha256"]
-        tensors = adapter_tensors(data)
-        (unmerged_v1.with_adapter(tensors) if mode == "unmerged" else AdapterModel(data, "merged", threads=threads))
+        if sha256_hex(data) != update.metadata["target_sha256"]:
+            raise AssertionError("the adapter update did not rebuild its signed target")
+        if mode == "unmerged":
+            return unmerged_v1.with_adapter(adapter_tensors(data))
+        return AdapterModel(data, "merged", threads=threads)
 
-    routes = {"full fp32: load a session": (len(merged_v2), partial(OnnxRuntimeModel, merged_v2, "onnxruntime-cpu", threads)),
+    routes: dict[str, tuple[int, Callable[[], object]]] = {"full fp32: load a session": (len(merged_v2), partial(OnnxRuntimeModel, merged_v2, "onnxruntime-cpu", threads)),
               "adapter update, unmerged: apply, verify, activate": (len(update.data), partial(apply, "unmerged")),
               "adapter update, merged on the device: apply, verify, load": (len(update.data), partial(apply, "merged"))}
     times = time_interleaved({name: call for name, (_, call) in routes.items()}, 10, warmup=1)

@@ -50,11 +50,11 @@ class LoraLayer:
 class _Unmerged(nn.Module):
     """A LoRA layer whose A and B come from the graph's inputs (through `feed`), in its chosen form."""
 
-    def __init__(self, peft_layer: nn.Module, layer: LoraLayer, feed: dict[str, torch.Tensor]) -> None:
+    def __init__(self, peft_layer: Any, layer: LoraLayer, feed: dict[str, torch.Tensor]) -> None:
         super().__init__()
         adapter = peft_layer.active_adapters[0]
-        self.base_layer = peft_layer.base_layer
-        self.lora_a = peft_layer.lora_A[adapter]  # its stride, padding and dilation (peft's branch), not its weight
+        self.base_layer: nn.Linear | nn.Conv2d = peft_layer.base_layer
+        self.lora_a: Any = peft_layer.lora_A[adapter]  # its stride, padding and dilation (peft's branch), not its weight
         self.layer = layer
         self.feed = feed
 
@@ -87,14 +87,15 @@ class _WithAdapterInputs(nn.Module):
         return self.model(x)
 
 
-def lora_layers(peft_model: nn.Module, example: torch.Tensor) -> list[LoraLayer]:
+def lora_layers(peft_model: Any, example: torch.Tensor) -> list[LoraLayer]:
     """The model's LoRA layers, each with the form that costs fewer multiply-adds for one input of `example`'s shape.
 
     Raises ValueError for what an adapter update cannot carry (other layer types, heads trained whole, several
     adapters), so the caller pushes whole models instead.
     """
     inner = peft_model.base_model.model
-    found = [(path, m) for path, m in inner.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    found: list[tuple[str, Any]] = [(path, m) for path, m in inner.named_modules()
+                                    if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
     if not found:
         raise ValueError("the model has no LoRA layers")
     positions: dict[str, int] = {}
@@ -133,12 +134,12 @@ def _positions(layer: nn.Module, out: torch.Tensor) -> int:
     return math.prod(out.shape[2:]) if isinstance(layer.base_layer, nn.Conv2d) else math.prod(out.shape[1:-1])
 
 
-def peft_adapter(peft_model: nn.Module, layers: list[LoraLayer]) -> dict[str, np.ndarray]:
+def peft_adapter(peft_model: Any, layers: list[LoraLayer]) -> dict[str, np.ndarray]:
     """The adapter's tensors by the names the graph gives them (peft's state-dict names)."""
     inner = peft_model.base_model.model
     tensors = {}
     for layer in layers:
-        m = inner.get_submodule(layer.path)
+        m: Any = inner.get_submodule(layer.path)
         adapter = m.active_adapters[0]
         tensors[layer.a_name] = m.lora_A[adapter].weight.detach().float().cpu().numpy()
         tensors[layer.b_name] = m.lora_B[adapter].weight.detach().float().cpu().numpy()
@@ -149,10 +150,10 @@ def to_onnx_unmerged(peft_model: nn.Module, example: torch.Tensor, *, max_batch:
     """The base graph with the adapter as overridable initializers (their defaults: `peft_model`'s adapter)."""
     import copy
 
-    model = copy.deepcopy(peft_model).float().eval().cpu()
+    model: Any = copy.deepcopy(peft_model).float().eval().cpu()
     layers = lora_layers(model, example)
     tensors = peft_adapter(model, layers)
-    inner = model.base_model.model
+    inner: nn.Module = model.base_model.model
     feed: dict[str, torch.Tensor] = {}
     for layer in layers:
         parent, _, child = layer.path.rpartition(".")
