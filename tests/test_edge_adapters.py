@@ -176,3 +176,18 @@ def test_adapter_updates_for_another_base_or_corrupt_are_refused_and_the_device_
     finally:
         agent.stop()
         other.stop()
+
+
+def test_a_tensorrt_engine_of_the_unmerged_graph_takes_an_adapter_by_refit() -> None:
+    from fedge.edge import tensorrt_engine
+
+    usable, reason = tensorrt_engine.available()
+    if not usable:
+        pytest.skip(f"refitting an adapter into a TensorRT engine needs TensorRT and a CUDA GPU: {reason}")
+    base = unmerged_base()
+    _, target = _v2(base)
+    x = target_data().tensors[0][:16].numpy()
+    model = tensorrt_engine.TensorRTModel.from_onnx(base.data, "fp32")
+    refitted = model.with_adapter(adapter_tensors(target))  # no rebuild: the plan's copy, its LoRA weights refitted
+    assert np.abs(refitted.predict(x) - merged_logits(adapter_tensors(target), x)).max() < 1e-3
+    assert np.abs(model.predict(x) - merged_logits(adapter_tensors(base.data), x)).max() < 1e-3  # untouched
