@@ -51,7 +51,6 @@ from fedge.edge.artifacts import (
 from fedge.edge.capabilities import Capabilities, describe, detect, preferred_precisions
 from fedge.edge.runtime import Model, OnnxRuntimeModel, choose_runtime, load_model
 from fedge.edge.tls import open_channel
-from fedge.envelope import EnvelopeError
 from fedge.errors import UserError
 from fedge.protos import edge_pb2, edge_pb2_grpc
 
@@ -256,7 +255,7 @@ class EdgeAgent:
         if entry.kind == ADAPTER_KIND:
             try:
                 data = apply_adapter_update(base, payload)
-            except (EnvelopeError, ValueError) as err:
+            except ValueError as err:  # the envelope's refusal (EnvelopeError, with its reason), or another adapter
                 raise ArtifactError(f"adapter update does not apply: {err}") from err
         else:
             data = apply_initializers(base, decode_weights(payload))

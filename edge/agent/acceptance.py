@@ -4,10 +4,10 @@ Candidates are the version's formats whose precision the device takes, in its
 order (smallest first); within a precision an engine plan built for this device
 class comes first, then an update (weight-only or adapter) against the model it
 serves, then the ONNX. A device that takes adapter updates puts the formats they
-apply to first, whatever their precision: the unmerged graph, then each adapter
-update against it (`fedge.edge.adapters`), so later versions cost it a coded
-adapter change instead of a whole model. Each candidate is downloaded, loaded on the device's runtime and run
-on the canary inputs: it must pass the canary (`canary.Canary`) and agree with
+apply to first, whatever their precision: an adapter update against what it
+serves, then the unmerged graph (`fedge.edge.adapters`), so later versions cost
+it a coded adapter change instead of a whole model. Each candidate is
+downloaded, loaded on the device's runtime and run on the canary inputs: it must pass the canary (`canary.Canary`) and agree with
 fp32 (`fedge.edge.agreement.Thresholds`). The fp32 reference is this version's
 fp32 model run here by ONNX Runtime on the CPU on the device's own inputs
 (labels not needed; quantization error depends on the inputs and on this CPU's
