@@ -152,26 +152,31 @@ def test_adapter_updates_for_another_base_or_corrupt_are_refused_and_the_device_
         wait_until(lambda: 2 in agent.rejected and 2 in other.rejected, what="an update for another base refused")
         assert "updates apply only to what it serves" in agent.rejected[2]
 
-        # v3: a corrupt update: damaged after coding, then signed (so the download verifies, the envelope does not)
+        # v3: the right base's update, but against a version this device does not serve
         update, target = _v2(base)
+        reg.publish({FP32_ADAPTER: dataclasses.replace(update, metadata={**update.metadata, "base_version": 7})})
+        wait_until(lambda: 3 in agent.rejected, what="an update for another version refused")
+        assert "updates apply only to what it serves" in agent.rejected[3]
+
+        # v4: a corrupt update: damaged after coding, then signed (so the download verifies, the envelope does not)
         payload = bytearray(update.data)
         payload[-8] ^= 0xFF
         reg.publish({FP32_ADAPTER: dataclasses.replace(update, data=bytes(payload))})
-        wait_until(lambda: 3 in agent.rejected, what="a corrupt update refused")
-        assert "adapter update does not apply" in agent.rejected[3] and "checksum" in agent.rejected[3]
+        wait_until(lambda: 4 in agent.rejected, what="a corrupt update refused")
+        assert "adapter update does not apply" in agent.rejected[4] and "checksum" in agent.rejected[4]
         after, version = agent.predict(x)
         assert version == 1
         np.testing.assert_array_equal(before, after)  # still v1, unchanged
 
-        # v4: the update against v1 beside the whole models: each device takes what applies to what it serves
-        merged_v4 = BundleFile(base_onnx())  # (any whole fp32 model will do for the device that takes one)
+        # v5: the update against v1 beside the whole models: each device takes what applies to what it serves
+        merged_v5 = BundleFile(base_onnx())  # (any whole fp32 model will do for the device that takes one)
         reg.publish({FP32_ADAPTER: update, FP32_UNMERGED: BundleFile(target, "onnx", "fp32", base.metadata),
-                     "fp32": merged_v4})
-        wait_until(lambda: agent.serving_version == other.serving_version == 4, what="both on v4")
+                     "fp32": merged_v5})
+        wait_until(lambda: agent.serving_version == other.serving_version == 5, what="both on v5")
         assert (served_format(agent), served_format(other)) == (FP32_ADAPTER, "fp32")
         fetched = {e["format"]: int(e["bytes_fetched"]) for e in events(reg) if e["status"] == "deployed"
-                   and e["version"] == "4"}
-        assert fetched == {FP32_ADAPTER: len(update.data), "fp32": len(merged_v4.data)}
+                   and e["version"] == "5"}
+        assert fetched == {FP32_ADAPTER: len(update.data), "fp32": len(merged_v5.data)}
         assert np.abs(agent.predict(x)[0] - merged_logits(adapter_tensors(target), x)).max() <= 1e-4
     finally:
         agent.stop()
