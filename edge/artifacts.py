@@ -31,15 +31,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 MANIFEST_SCHEMA = 2
 #: What kind of file a format of a version is. "onnx": a whole model; "onnx-weights": a weight-only update (changed
-#: initializers, safetensors) applied to the model of the same precision the device serves; "tensorrt": an
-#: engine plan built for one device class (GPU and TensorRT version); "reference": inputs held out from
-#: calibration with the fp32 model's logits on them (`fedge.edge.agreement`).
-MODEL_KINDS = ("onnx", "onnx-weights", "tensorrt")
+#: initializers, safetensors) applied to the model of the same precision the device serves; "onnx-adapter": an
+#: adapter update (the coded change of an unmerged graph's LoRA adapter, `fedge.edge.adapters`) applied to the
+#: unmerged graph the device serves; "tensorrt": an engine plan built for one device class (GPU and TensorRT
+#: version); "reference": inputs held out from calibration with the fp32 model's logits on them
+#: (`fedge.edge.agreement`).
+MODEL_KINDS = ("onnx", "onnx-weights", "onnx-adapter", "tensorrt")
 KINDS = (*MODEL_KINDS, "reference")
-WEIGHTS_KIND = "onnx-weights"
+WEIGHTS_KIND, ADAPTER_KIND = "onnx-weights", "onnx-adapter"
+#: updates: applied to the very model a device serves (`base_version`, `base_sha256`), yielding `target_sha256`
+UPDATE_KINDS = (WEIGHTS_KIND, ADAPTER_KIND)
 PRECISIONS = ("int8", "fp16", "fp32")  # smallest first: the order devices try them in
 REFERENCE = "reference"  # the reference set's format name in a version
-_WEIGHTS_KEYS = ("base_version", "base_sha256", "target_sha256")
+_UPDATE_KEYS = ("base_version", "base_sha256", "target_sha256")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -82,9 +86,13 @@ class ArtifactFile:
         return self.kind in MODEL_KINDS
 
     @property
+    def is_update(self) -> bool:
+        return self.kind in UPDATE_KINDS
+
+    @property
     def model_sha256(self) -> str:
-        """The sha256 of the whole model this file yields (for a weight-only update: after applying it)."""
-        return str(self.metadata["target_sha256"]) if self.kind == WEIGHTS_KIND else self.sha256
+        """The sha256 of the whole model this file yields (for an update: after applying it)."""
+        return str(self.metadata["target_sha256"]) if self.is_update else self.sha256
 
     def check(self, name: str) -> None:
         if not _NAME.match(name):
@@ -97,8 +105,9 @@ class ArtifactFile:
             raise ArtifactError(f"{name}: negative size")
         if self.is_model and self.precision not in PRECISIONS:
             raise ArtifactError(f"{name}: a model's precision must be one of {PRECISIONS}, not {self.precision!r}")
-        if self.kind == WEIGHTS_KIND and any(k not in self.metadata for k in _WEIGHTS_KEYS):
-            raise ArtifactError(f"{name}: a weight-only update needs {_WEIGHTS_KEYS} in its metadata")
+        if self.is_update and any(k not in self.metadata for k in _UPDATE_KEYS):
+            what = "a weight-only update" if self.kind == WEIGHTS_KIND else "an adapter update"
+            raise ArtifactError(f"{name}: {what} needs {_UPDATE_KEYS} in its metadata")
         if self.kind == "tensorrt" and not self.metadata.get("device_class"):
             raise ArtifactError(f"{name}: an engine plan must say which device class it was built for")
 
@@ -177,7 +186,7 @@ def make_manifest(version: int, files: dict[str, BundleFile], metadata: dict[str
 
 BUNDLE_INDEX = "bundle.json"
 _DEFAULT_FILENAMES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx",
-                      REFERENCE: "reference.safetensors"}
+                      "fp32-unmerged": "model.unmerged.onnx", REFERENCE: "reference.safetensors"}
 
 
 def write_bundle(folder: Path, formats: Mapping[str, BundleFile], metadata: dict[str, Any] | None = None) -> Path:

@@ -240,17 +240,27 @@ def edge_agent(
     serve_batch: Annotated[int | None, typer.Option(help="samples per request when replaying --data")] = None,
     serve_passes: Annotated[int | None, typer.Option(help="passes over --data per version (0: forever)")] = None,
     report_interval: Annotated[float | None, typer.Option(help="seconds between telemetry reports")] = None,
+    adapter_updates: Annotated[bool | None, typer.Option(
+        "--adapter-updates/--no-adapter-updates",
+        help="serve a version's unmerged graph first, so later versions arrive as adapter updates (default: on)")] = None,
+    adapter_mode: Annotated[str | None, typer.Option(
+        help="an unmerged graph on ONNX Runtime: auto (measured here), unmerged (adapters per run) or merged "
+             "(folded into the base weights here)")] = None,
 ) -> None:
     """Run an edge agent: watch the registry, verify each new version, choose and check its format, serve it."""
+    from fedge.edge.adapters.serving import MODES
     from fedge.edge.agent import run_agent
     from fedge.outputs import check_out_dir
 
+    if adapter_mode is not None and adapter_mode not in MODES:
+        raise typer.BadParameter(f"{adapter_mode!r} is not one of {', '.join(MODES)}", param_hint="--adapter-mode")
     workdir = check_out_dir(workdir, "--workdir")
     options: dict[str, Any] = {"threads": threads, "chunk_size": chunk_size, "chunk_delay_s": chunk_delay,
                                "canary_size": canary_size, "min_canary_accuracy": min_canary_accuracy,
                                "max_accuracy_drop": max_accuracy_drop, "min_agreement": min_agreement,
                                "max_logit_diff": max_logit_diff, "serve_batch": serve_batch,
-                               "serve_passes": serve_passes, "report_interval_s": report_interval}
+                               "serve_passes": serve_passes, "report_interval_s": report_interval,
+                               "adapter_updates": adapter_updates, "adapter_mode": adapter_mode}
     declared = tuple(p.strip() for p in precisions.split(",") if p.strip()) if precisions else None
     run_agent(registry, device_id, public_key=public_key, workdir=workdir, data=data, tier=tier, runtime=runtime,
               precisions=declared, duration_s=duration, root_certificates=root_certificates,

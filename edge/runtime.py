@@ -8,6 +8,8 @@ ONNX Runtime session setup (`ort_session`).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import numpy as np
@@ -92,3 +94,18 @@ def load_model(data: bytes, runtime: str | None = None, threads: int = 0, precis
     if kind == "tensorrt":
         raise ValueError(f"an engine plan needs the tensorrt runtime, not {runtime}")
     return OnnxRuntimeModel(data, runtime, threads)
+
+
+def time_interleaved(calls: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds of each call in each of `rounds` rounds, the calls taking turns within a round, so that a machine's
+    load drifts over all of them alike (compare them round by round, or by medians)."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return times

@@ -3,7 +3,8 @@
 Engines are specific to a GPU and a TensorRT version (`device_class`), so
 devices build their own from the format they chose (fp32, fp16, or the INT8
 Q/DQ model: explicit quantization, no calibrator), or load a plan the registry
-built for their device class. TensorRT 10 and 11 differ in one place,
+built for their device class; an engine built from an unmerged graph takes each new
+adapter as a refit of its named LoRA weights (`TensorRTModel.with_adapter`). TensorRT 10 and 11 differ in one place,
 `_network_flags_and_precision`: 10 builds a weakly typed network and takes
 precision from builder flags (FP16/INT8; TF32 off for fp32, so fp32 means
 fp32); 11 only builds strongly typed networks, whose precision comes from the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -193,6 +195,31 @@ def refit_from_onnx(engine: trt.ICudaEngine, onnx_bytes: bytes) -> None:
         raise TensorRTError("refit_cuda_engine failed: the new weights do not match the engine's graph")
 
 
+def refit_named(engine: trt.ICudaEngine, weights: Mapping[str, np.ndarray]) -> None:
+    """Replace named weights of a refittable engine (an unmerged graph's adapter: its initializers' names) in place.
+
+    Weights the builder combined with others (a folded W + s·B·A) must be given together; TensorRT names them
+    (`get_missing_weights`), and the refit is refused rather than left half done.
+    """
+    _require()
+    import tensorrt as trt
+
+    refitter = trt.Refitter(engine, trt.Logger(trt.Logger.WARNING))
+    refittable = set(refitter.get_all_weights())
+    unknown = sorted(set(weights) - refittable)
+    if unknown:
+        raise TensorRTError(f"the engine has no refittable weights named {unknown[:3]}")
+    arrays = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in weights.items()}  # alive until done
+    for name, value in arrays.items():
+        if not refitter.set_named_weights(name, trt.Weights(value)):
+            raise TensorRTError(f"TensorRT refused the weights {name!r} {value.shape}")
+    missing = refitter.get_missing_weights()
+    if missing:
+        raise TensorRTError(f"the engine combined these adapter weights with others it was not given: {missing[:3]}")
+    if not refitter.refit_cuda_engine():
+        raise TensorRTError("refit_cuda_engine failed: the adapter does not fit the engine")
+
+
 class TensorRTModel:
     """Inference on one engine with torch CUDA buffers; `predict` is float32 in, float32 out, like ONNX Runtime."""
 
@@ -238,6 +265,14 @@ class TensorRTModel:
             raise TensorRTError("this model keeps no serialized plan to refit a copy of")
         engine = deserialize(self.plan)
         refit_from_onnx(engine, onnx_bytes)
+        return TensorRTModel(engine, self.plan)
+
+    def with_adapter(self, tensors: Mapping[str, np.ndarray]) -> TensorRTModel:
+        """A second engine from the same plan (built from an unmerged graph), refitted with a new adapter (no rebuild)."""
+        if self.plan is None:
+            raise TensorRTError("this model keeps no serialized plan to refit a copy of")
+        engine = deserialize(self.plan)
+        refit_named(engine, tensors)
         return TensorRTModel(engine, self.plan)
 
     def predict(self, x: np.ndarray) -> np.ndarray:

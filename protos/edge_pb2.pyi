@@ -99,18 +99,24 @@ class ArtifactChunk(_message.Message):
     def __init__(self, version: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class DeploymentEvent(_message.Message):
-    __slots__ = ("version", "status", "reason", "format", "agreement")
+    __slots__ = ("version", "status", "reason", "format", "agreement", "bytes_fetched", "adapter_mode", "unmerged_cost")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_MODE_FIELD_NUMBER: _ClassVar[int]
+    UNMERGED_COST_FIELD_NUMBER: _ClassVar[int]
     version: int
     status: str
     reason: str
     format: str
     agreement: Agreement
-    def __init__(self, version: _Optional[int] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., format: _Optional[str] = ..., agreement: _Optional[_Union[Agreement, _Mapping]] = ...) -> None: ...
+    bytes_fetched: int
+    adapter_mode: str
+    unmerged_cost: float
+    def __init__(self, version: _Optional[int] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., format: _Optional[str] = ..., agreement: _Optional[_Union[Agreement, _Mapping]] = ..., bytes_fetched: _Optional[int] = ..., adapter_mode: _Optional[str] = ..., unmerged_cost: _Optional[float] = ...) -> None: ...
 
 class Agreement(_message.Message):
     __slots__ = ("samples", "top1", "max_logit_diff", "logit_range", "reference")

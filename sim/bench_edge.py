@@ -10,10 +10,19 @@
 3. Push: a full artifact vs a weight-only update (only the changed initializers),
    through a real registry process over gRPC on loopback: bytes on the wire and
    seconds from publish to a loaded, servable model on the receiving side.
+4. Adapter updates: a LoRA adapter trained on target-domain data as the
+   next version after the base: bytes of that version as a full model, as a
+   weight-only update of the merged model, and as an adapter update (dense and
+   through each codec, with the coded model's agreement with the uncoded one);
+   seconds to apply it on a device; and the latency of unmerged adapters (ONNX
+   Runtime's adapter API), of the adapter merged on the device and of the merged
+   export, at batch 1 and 32, in interleaved rounds (medians and the median of
+   the per-round ratios).
 
 Weight-only pays off when few tensors change (a head or normalisation update,
 as in cloud-edge adaptation); LoRA merged into every layer changes every
-weight, and the benchmark shows that too rather than hiding it.
+weight, and the benchmark shows that too rather than hiding it: an adapter
+update sends the adapter's change instead.
 """
 
 from __future__ import annotations
@@ -32,18 +41,27 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import torch
+from torch.utils.data import TensorDataset
 
+from fedge.adapters import adapter_state, inject_lora, load_adapter_state
+from fedge.codecs import Codec, build_codec
+from fedge.edge.adapters.delta import adapter_tensors, adapter_update, apply_adapter_update, default_codec
+from fedge.edge.adapters.export import unmerged_format
+from fedge.edge.adapters.serving import AdapterModel
 from fedge.edge.agreement import agreement
-from fedge.edge.artifacts import BundleFile
+from fedge.edge.artifacts import BundleFile, sha256_hex
 from fedge.edge.capabilities import INT8_KERNELS, detect
 from fedge.edge.export import quantize_int8_dynamic, quantize_int8_qdq, run_onnx, to_fp16, to_onnx
 from fedge.edge.fleet import start_registry
-from fedge.edge.publish import publish, publish_weight_update
-from fedge.edge.runtime import ort_session
+from fedge.edge.publish import publish, publish_weight_update, weight_update
+from fedge.edge.runtime import OnnxRuntimeModel, ort_session, time_interleaved
 from fedge.edge.weights import apply_initializers, decode_weights
+from fedge.federated_model import merged_copy
 from fedge.protos import edge_pb2, edge_pb2_grpc
 from fedge.scenario import load_scenario
+from fedge.settings import RunSettings
 from fedge.tiers import TIERS
+from fedge.training import train_epochs
 
 
 def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 5) -> float:
@@ -146,9 +164,77 @@ def push(base: bytes, updates: dict[str, bytes], workdir: Path) -> list[dict[str
     return rows
 
 
+def _codecs() -> dict[str, Codec]:
+    return {"dense": build_codec("dense"), "fedzip z=1 k=64 (default)": default_codec(), "q8": build_codec("q8"),
+            "q4": build_codec("q4"), "fedzip z=0.2 k=3 (a round's)": build_codec("fedzip")}
+
+
+def adapter_updates(model: torch.nn.Module, targets: list[str], train: TensorDataset, x: torch.Tensor, y: np.ndarray,
+                    threads: int, rounds: int) -> dict[str, Any]:
+    """The base with peft's initial adapter as v1 (unmerged), an adapter trained on target-domain data (`train`) as
+    v2: bytes of v2 by every route, seconds to apply it on a device, and serving latency unmerged vs merged."""
+    settings = RunSettings()
+    start = inject_lora(copy.deepcopy(model), targets, rank=settings.lora_rank, alpha=settings.lora_alpha, seed=0).eval()
+    trained = copy.deepcopy(start)  # as a LoRA method trains: its default rate, a few epochs
+    train_epochs(trained, train, epochs=3, lr=3e-3, batch_size=32, device=torch.device("cpu"), seed=0)
+    trained.eval()
+    with torch.no_grad():
+        uncoded = merged_copy(trained)(x).numpy()
+    base = unmerged_format(start, x)
+    new = adapter_state(trained)
+    codecs = []
+    for name, codec in _codecs().items():
+        update, target = adapter_update(base.data, 1, new, codec)
+        logits = AdapterModel(target, "merged", threads=threads).predict(x.numpy())
+        codecs.append({"codec": name, "bytes": len(update.data), "agreement_vs_uncoded": agreement(logits, uncoded).top1,
+                       "accuracy": float((logits.argmax(1) == y).mean())})
+    update, target = adapter_update(base.data, 1, new, default_codec())
+    version = copy.deepcopy(start)
+    load_adapter_state(version, adapter_tensors(target))
+    merged_v1, merged_v2 = to_onnx(start, x[:2]), to_onnx(version, x[:2])
+    sizes = {"full fp32 (merged)": len(merged_v2), "full fp32 (unmerged)": len(target),
+             "weight-only update of the merged model": len(weight_update(merged_v1, 1, merged_v2).data),
+             "adapter update, dense": update.metadata["dense_bytes"], "adapter update, coded (default)": len(update.data)}
+
+    unmerged_v1 = AdapterModel(base.data, "unmerged", threads=threads)
+
+    def apply(mode: str) -> object:  # what a device does: decode, add, rebuild, verify against the signed target, load
+        data = apply_adapter_update(base.data, update.data)
+        if sha256_hex(data) != update.metadata["target_sha256"]:
+            raise AssertionError("the adapter update did not rebuild its signed target")
+        if mode == "unmerged":
+            return unmerged_v1.with_adapter(adapter_tensors(data))
+        return AdapterModel(data, "merged", threads=threads)
+
+    routes: dict[str, tuple[int, Callable[[], object]]] = {"full fp32: load a session": (len(merged_v2), partial(OnnxRuntimeModel, merged_v2, "onnxruntime-cpu", threads)),
+              "adapter update, unmerged: apply, verify, activate": (len(update.data), partial(apply, "unmerged")),
+              "adapter update, merged on the device: apply, verify, load": (len(update.data), partial(apply, "merged"))}
+    times = time_interleaved({name: call for name, (_, call) in routes.items()}, 10, warmup=1)
+    link = TIERS["weak"].downlink_mbps * 1e6 / 8  # bytes/s of a weak device's downlink
+    apply_rows = [{"route": name, "bytes": n, "apply_s": statistics.median(times[name]),
+                   "weak_link_s": n / link + statistics.median(times[name])} for name, (n, _) in routes.items()]
+
+    engines = {"merged export": OnnxRuntimeModel(merged_v2, threads=threads).predict,
+               "unmerged (adapter API)": unmerged_v1.with_adapter(adapter_tensors(target)).predict,
+               "merged on the device": AdapterModel(target, "merged", threads=threads).predict}
+    latency_rows = []
+    for batch in (1, 32):
+        xb = np.ascontiguousarray(np.resize(x.numpy(), (batch, *x.shape[1:])), dtype=np.float32)
+        times = time_interleaved({name: partial(run, xb) for name, run in engines.items()}, rounds)
+        base_times = np.asarray(times["merged export"])
+        for name, t in times.items():
+            ratios = np.asarray(t) / base_times
+            latency_rows.append({"engine": name, "batch": batch, "median_ms": 1e3 * statistics.median(t),
+                                 "ratio_vs_merged": float(np.median(ratios)),
+                                 "ratio_iqr": [float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))]})
+    return {"parameters": update.metadata["parameters"], "forms": base.metadata["adapter"]["forms"],
+            "uncoded_accuracy": float((uncoded.argmax(1) == y).mean()), "sizes": sizes, "codecs": codecs,
+            "apply": apply_rows, "latency": latency_rows, "rounds": rounds}
+
+
 def bench_edge(scenario: str = "digits-shift", repeats: int = 50, threads: int = 1,
                workdir: str | Path | None = None) -> dict[str, Any]:
-    """Run both comparisons on the scenario's base model; returns rows for `latency` and `push`."""
+    """Run the comparisons on the scenario's base model; returns rows for `latency`, `push` and `adapters`."""
     sc = load_scenario(scenario)
     model = sc.base_model().eval()
     parts = [sc.client_data(p, 4) for p in range(4)]
@@ -182,7 +268,10 @@ def bench_edge(scenario: str = "digits-shift", repeats: int = 50, threads: int =
     with tempfile.TemporaryDirectory() as tmp:
         rows_push = push(fp32, updates, Path(workdir) if workdir else Path(tmp))
     accelerated, not_measured = accelerated_engines(variants)
+    train = TensorDataset(*(torch.cat([p.train.tensors[i] for p in parts]) for i in range(2)))
+    adapters = adapter_updates(model, list(sc.lora_targets), train, x, y, threads, rounds=repeats)
     return {
+        "adapters": adapters,
         "cpu": detect().as_dict(),
         "latency": latency(model, variants, x.numpy(), repeats, threads, accelerated),
         "not_measured": not_measured,
@@ -237,6 +326,43 @@ def print_tables(result: dict[str, Any], console: Any = None) -> None:
                          f"{100 * (v['accuracy'] - fp32['accuracy']):+.2f} pt", f"{v['agreement_vs_fp32']:.4f}",
                          f"{v['max_logit_diff_vs_fp32']:.3g}", f"{v['relative_diff_vs_fp32']:.1%}")
     console.print(variants)
+    print_adapter_tables(result["adapters"], console)
+
+
+def print_adapter_tables(result: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    full = result["sizes"]["full fp32 (merged)"]
+    sizes = Table(title=f"a new version as an adapter update: LoRA ({result['parameters']:,} parameters) trained on "
+                        "target-domain data, after the base", title_justify="left")
+    for col in ("bytes of the new version", "KB", "of the full fp32"):
+        sizes.add_column(col, justify="right")
+    for name, n in result["sizes"].items():
+        sizes.add_row(name, f"{n / 1e3:.1f}", f"{n / full:.2%}")
+    console.print(sizes)
+    codecs = Table(title=f"adapter update by codec (the coded adapter against the uncoded one; uncoded accuracy "
+                         f"{result['uncoded_accuracy']:.4f})", title_justify="left")
+    for col in ("codec", "KB", "of the full fp32", "top-1 agreement", "accuracy"):
+        codecs.add_column(col, justify="right")
+    for r in result["codecs"]:
+        codecs.add_row(r["codec"], f"{r['bytes'] / 1e3:.1f}", f"{r['bytes'] / full:.2%}",
+                       f"{r['agreement_vs_uncoded']:.4f}", f"{r['accuracy']:.4f}")
+    console.print(codecs)
+    weak = TIERS["weak"].downlink_mbps
+    apply_t = Table(title="applying the new version on a device (median of 10 interleaved rounds)", title_justify="left")
+    for col in ("route", "KB", "apply ms", f"s with the transfer @{weak:g} Mbit/s"):
+        apply_t.add_column(col, justify="right")
+    for r in result["apply"]:
+        apply_t.add_row(r["route"], f"{r['bytes'] / 1e3:.1f}", f"{1e3 * r['apply_s']:.1f}", f"{r['weak_link_s']:.2f}")
+    console.print(apply_t)
+    lat = Table(title=f"serving the adapter: {result['rounds']} interleaved rounds (forms: " + ", ".join(
+        f"{k} {v}" for k, v in result["forms"].items()) + ")", title_justify="left")
+    for col in ("engine", "batch", "median ms", "vs merged export (median ratio)", "ratio IQR"):
+        lat.add_column(col, justify="right")
+    for r in result["latency"]:
+        lat.add_row(r["engine"], str(r["batch"]), f"{r['median_ms']:.3f}", f"{r['ratio_vs_merged']:.3f}",
+                    f"{r['ratio_iqr'][0]:.2f}-{r['ratio_iqr'][1]:.2f}")
+    console.print(lat)
 
 
 if __name__ == "__main__":

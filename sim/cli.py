@@ -116,8 +116,10 @@ def run(
     run_config: Annotated[list[str] | None, typer.Option(
         "--run-config", help="Flower-style overrides, e.g. \"density-up=0.0625 flasc.server-opt='adamw'\" (repeatable)")] = None,
     edge_devices: Annotated[int | None, typer.Option(
-        min=0, help="edge agents (separate processes on loopback) that receive the first method's final model; 0: none "
-                    "(default 2; 0 for text models, whose ONNX export takes longer: ask for it, causal LMs deploy)")] = None,
+        min=0, help="edge agents (separate processes on loopback) that receive the run's models: the base, then each "
+                    "LoRA method's final adapter as an adapter update (without LoRA methods, or for a language model, "
+                    "the first method's model); 0: none (default 2; 0 for text models, whose ONNX export takes longer: "
+                    "ask for it)")] = None,
 ) -> None:
     """Run federations of the given methods on a scenario, with Flower's simulation runtime, then deploy to the edge."""
     from fedge.methods import available_methods
@@ -158,7 +160,7 @@ def run(
                       + (" (checkpoints kept: --resume)" if resume else ""))
     started = time.perf_counter()
     per_seed: dict[int, dict[str, Any]] = {}
-    first_outcome: Any = None
+    first_arrays: dict[str, Any] = {}  # each method's final state in the first seed (what the edge receives)
     with PeakMemory() as memory, progress_bars() as progress:
         for s in seed_list:  # what a scenario builds once (a base to train or pretrain, data to split), with its bars
             edge_devices = prepare_scenario(configs[s], names, edge_devices)
@@ -168,7 +170,8 @@ def run(
             for name in names:
                 outcome = simulate_method(configs[s][name], progress, tasks[name], memory,
                                           f"{name} (seed {s})" if len(seed_list) > 1 else name)
-                first_outcome = first_outcome or outcome
+                if s == seed_list[0]:
+                    first_arrays[name] = outcome.arrays
                 results = method_results(scenario=outcome.scenario, base_accuracy=outcome.base.accuracy,
                                          base_metrics=outcome.base_metrics, name=name, entry=outcome.entry,
                                          into=results)
@@ -177,8 +180,7 @@ def run(
             per_seed[s] = results
         results = combine_seeds(per_seed) if len(seed_list) > 1 else per_seed[seed_list[0]]
         if edge_devices:
-            results["edge"] = deploy_final(configs[seed_list[0]][names[0]], first_outcome.arrays, edge_devices,
-                                           out / EDGE)
+            results["edge"] = deploy_final(configs[seed_list[0]], first_arrays, edge_devices, out / EDGE)
     results["run"] = {"methods": names, "rounds": rounds, "clients": clients, "seeds": seed_list,
                       "seconds": time.perf_counter() - started, "peak_memory_bytes": memory.peak.pss_bytes,
                       "peak_rss_bytes": memory.peak.rss_bytes}
@@ -263,31 +265,80 @@ def simulate_method(config: dict[str, Any], progress: Any, task: Any, memory: An
     return outcome
 
 
-def deploy_final(config: dict[str, Any], arrays: Any, devices: int, workdir: Path) -> dict[str, Any]:
-    """Export the run's final model and push it to `devices` edge agents; returns results.json's "edge" entry."""
-    from fedge.edge.capabilities import describe
-    from fedge.edge.fleet import deploy_to_edge
+def deploy_final(configs: dict[str, dict[str, Any]], arrays: dict[str, Any], devices: int,
+                 workdir: Path) -> dict[str, Any]:
+    """Push the run's models to `devices` edge agents; returns results.json's "edge" entry.
+
+    With LoRA methods in the run, v1 is the base with the adapter every method started from (a whole model: what
+    the fleet serves before any federation), then each LoRA method's final adapter, in run order, is the next
+    version, sent as an adapter update; a method without an adapter (full-fedavg, pfedgate) is not pushed, since
+    a whole model of its own would replace the base the updates apply to. Without LoRA methods, the first
+    method's final model is the one version.
+    """
+    from fedge.adapters import adapter_state
+    from fedge.edge.fleet import deploy_adapter_updates, deploy_to_edge
+    from fedge.methods import get_method
     from fedge.scenario import scenario_for
     from fedge.settings import RunSettings
-    from fedge.sim.handoff import final_model, fleet_data
+    from fedge.sim.handoff import adapted_model, final_model, fleet_data
     from fedge.state import from_record
 
-    task = scenario_for(RunSettings.from_config(config)).task
-    edge = deploy_to_edge(final_model(config, from_record(arrays)), fleet_data(config), devices, workdir, task=task)
+    names = list(configs)
+    task = scenario_for(RunSettings.from_config(configs[names[0]])).task
+    lora = [name for name in names if get_method(name).payload != "full"]
+    if not lora or task != "classification":
+        edge = deploy_to_edge(final_model(configs[names[0]], from_record(arrays[names[0]])), fleet_data(configs[names[0]]),
+                              devices, workdir, task=task)
+        why = "only the first method's model is pushed " + ("without adapters" if not lora else
+                                                              "(adapter updates are for classifiers)")
+        edge["not_pushed"] = {name: why for name in names[1:]}
+        _print_edge(edge, names[0])
+        return edge
+    start = adapted_model(configs[lora[0]])
+    shapes = {k: v.shape for k, v in adapter_state(start).items()}
+    adapters, not_pushed = [], {name: "no adapter (its whole model would replace the base)" for name in names
+                                if name not in lora}
+    for name in lora:
+        adapter = adapter_state(adapted_model(configs[name], from_record(arrays[name])))
+        if {k: v.shape for k, v in adapter.items()} == shapes:
+            adapters.append((name, adapter))
+        else:
+            not_pushed[name] = "its adapter's tensors differ from the base's (another rank or targets)"
+    edge = deploy_adapter_updates(start, adapters, fleet_data(configs[lora[0]]), devices, workdir)
+    edge["not_pushed"] = not_pushed
+    for version in edge["versions"]:
+        update = version.get("adapter_update")
+        fetched = ", ".join(f"{d} {v['format']} {v['bytes_fetched'] / 1e3:.1f} KB" + (
+            f" ({v['adapter_mode']}" + (f": unmerged costs {v['unmerged_cost']:.2f}x merged there" if v["unmerged_cost"]
+                                        else "") + ")" if v["adapter_mode"] else "") for d, v in version["devices"].items())
+        head = (f"adapter update {update['bytes'] / 1e3:.1f} KB ({update['of_fp32']:.1%} of fp32's "
+                f"{version['bytes']['fp32'] / 1e6:.2f} MB; dense {update['dense_bytes'] / 1e3:.0f} KB)"
+                if update else "whole model")
+        console.print(f"edge v{version['version']} {version['model']}: {head}; accuracy {version['accuracy']:.4f}; "
+                      f"unmerged vs merged {version['unmerged_max_abs_diff_vs_merged']:.1e}; devices fetched: {fetched}")
+    for name, reason in not_pushed.items():
+        console.print(f"edge: {name} not pushed: {reason}")
+    _print_edge(edge, adapters[-1][0] if adapters else "base")
+    return edge
+
+
+def _print_edge(edge: dict[str, Any], model: str) -> None:
+    """What the fleet serves at the end: the last version's formats and the devices' own figures."""
+    from fedge.edge.capabilities import describe
+
     fp32, int8 = edge["fp32"], edge["int8"]
     served = ", ".join(f"{n} {fmt}" for fmt, n in sorted(edge["formats_served"].items()))
-    if task == "causal-lm":
+    if "perplexity" in fp32:  # a causal LM: its devices report next-token accuracy
         quality = (f"fp32 {fp32['bytes'] / 1e6:.2f} MB at perplexity {fp32['perplexity']:.2f} (max |onnx - torch| "
                    f"{edge['artifact']['max_abs_diff_vs_torch']:.1e}), int8 {int8['bytes'] / 1e6:.2f} MB at perplexity "
-                   f"{int8['perplexity']:.2f}; fleet next-token accuracy")
+                   f"{int8['perplexity']:.2f}, measured on {describe(edge['host'])}; fleet next-token accuracy")
     else:
         quality = (f"fp32 {fp32['bytes'] / 1e6:.2f} MB at accuracy {fp32['accuracy']:.4f} (max |onnx - torch| "
                    f"{edge['artifact']['max_abs_diff_vs_torch']:.1e}), int8 {int8['bytes'] / 1e6:.2f} MB at accuracy "
                    f"{int8['accuracy']:.4f} (top-1 agreement with fp32 {int8['agreement_vs_fp32']:.4f}), measured on "
                    f"{describe(edge['host'])}; fleet accuracy")
-    console.print(f"edge: {edge['deployed']}/{edge['devices']} agents serve {config['method']} ({served}) on "
+    console.print(f"edge: {edge['deployed']}/{edge['devices']} agents serve {model} ({served}) on "
                   f"{edge['runtime']}; {quality} {edge['accuracy']:.4f}, p50 {edge['p50_latency_ms']:.2f} ms")
-    return edge
 
 
 def run_source(out: Path | None, method: str | None, checkpoint: Path | None) -> Any:
@@ -357,7 +408,8 @@ def bench_edge(
     threads: Annotated[int, typer.Option(help="intra-op threads for PyTorch and ONNX Runtime")] = 1,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None,
 ) -> None:
-    """PyTorch eager vs ONNX Runtime fp32/INT8 latency; full artifact vs weight-only push through the registry."""
+    """PyTorch eager vs ONNX Runtime fp32/INT8 latency; full artifact vs weight-only push through the registry;
+    a new version as an adapter update (bytes, apply time, unmerged vs merged latency)."""
     from fedge.sim.bench_edge import bench_edge as run_bench
     from fedge.sim.bench_edge import print_tables
 

@@ -27,13 +27,20 @@ from fedge.scenario import fleet_test_data, scenario_for
 from fedge.server.checkpoints import MANIFEST, load_checkpoint
 
 
-def final_model(config: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> nn.Module:
-    """The global model of a finished run (`state`: its exchanged arrays), adapters merged into an fp32 copy."""
+def adapted_model(config: Mapping[str, Any], state: Mapping[str, np.ndarray] | None = None) -> nn.Module:
+    """A run's model as its method builds it (a LoRA method's: the base with peft adapters, unmerged), holding
+    `state` (its exchanged arrays) or, without, the start every node of the run began from."""
     spec = resolve(config)
     scenario = scenario_for(spec.settings)
     model = spec.method.build_model(scenario, spec.settings)
-    spec.method.load_state(model, state)
-    return merged_copy(model)
+    if state is not None:
+        spec.method.load_state(model, state)
+    return model.eval()
+
+
+def final_model(config: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> nn.Module:
+    """The global model of a finished run (`state`: its exchanged arrays), adapters merged into an fp32 copy."""
+    return merged_copy(adapted_model(config, state))
 
 
 def fleet_data(config: Mapping[str, Any]) -> TensorDataset:

@@ -1,11 +1,16 @@
-"""Shared pieces of the edge tests: small models, real data, waiting with a deadline."""
+"""Shared pieces of the edge tests: small models, real data, agents on a registry, waiting with a deadline.
+
+The `registry` (a registry serving on loopback) and `device` (a started agent on it) fixtures are in conftest.py.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from functools import lru_cache
-from typing import TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -14,6 +19,10 @@ from torch.utils.data import TensorDataset
 from fedge.edge.artifacts import BundleFile
 from fedge.scenario import load_scenario
 from fedge.sim.digits_shift import DigitsCNN
+
+if TYPE_CHECKING:
+    from fedge.edge.agent import EdgeAgent
+    from fedge.edge.registry import Registry
 
 T = TypeVar("T")
 
@@ -176,3 +185,71 @@ def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: floa
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def make_agent(tmp_path: Path, address: str, reg: Registry, name: str = "cam-0", labels: bool | None = True,
+               **options: object) -> EdgeAgent:
+    """An agent on its own thread set (`labels`: labelled local data, unlabelled, or None: no data at all)."""
+    from fedge.edge.agent import AgentConfig, EdgeAgent
+
+    data_path = None
+    if labels is not None:
+        data_path = tmp_path / f"{name}.npz"
+        to_npz(data_path, target_data(), labels=labels)
+    public = tmp_path / "registry.pub.pem"
+    public.write_bytes(reg.public_key_pem)
+    config = AgentConfig(registry=address, device_id=name, workdir=tmp_path / name, public_key=public, data=data_path,
+                         report_interval_s=0.2, **options)  # type: ignore[arg-type]
+    agent = EdgeAgent(config)
+    agent.start()
+    return agent
+
+
+def deploy(reg: Registry, agent: EdgeAgent, formats: dict[str, BundleFile]) -> str:
+    """Publish a version and wait until `agent` serves it; the format it chose."""
+    version = reg.publish(formats)
+    wait_until(lambda: agent.serving_version == version, what=f"v{version} to serve")
+    return served_format(agent)
+
+
+def serve_first(reg: Registry, agent: EdgeAgent, model: bytes) -> None:
+    """Publish `model` (fp32) as v1 and wait until `agent` serves it."""
+    assert deploy(reg, agent, bundle(fp32=model)) == "fp32" and agent.serving_version == 1
+
+
+def served_format(agent: EdgeAgent) -> str:
+    """Which format of its version the device serves ("" before it serves any)."""
+    served = agent.serving.served
+    return served.format if served else ""
+
+
+def events(reg: Registry) -> list[dict]:
+    """Every deployment event the registry's devices reported, in order."""
+    path = reg.workdir / "telemetry.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [e for line in lines for e in json.loads(line).get("events", [])]
+
+
+def lora_model(scale: float = 0.0, seed: int = 1) -> torch.nn.Module:
+    """The trained base with LoRA (rank 8) on the scenario's targets; B drawn at `scale` (0: peft's own start, whose
+    outputs are the base's), as a federation's adapter would be."""
+    from fedge.adapters import inject_lora
+
+    model = inject_lora(trained_model(), list(load_scenario("digits-shift").lora_targets), rank=8, alpha=16, seed=0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@lru_cache(maxsize=1)
+def unmerged_base() -> BundleFile:
+    """The fp32 unmerged format of `lora_model()` (its adapter as overridable initializers), checked as export checks."""
+    from fedge.edge.adapters.delta import adapter_tensors
+    from fedge.edge.adapters.export import checked_unmerged, describe, lora_layers, to_onnx_unmerged
+
+    model, x = lora_model(), target_data().tensors[0]
+    data = _cached("unmerged-r8", lambda: to_onnx_unmerged(model, x[:2])[0])
+    return checked_unmerged(data, describe(lora_layers(model, x[:1]), adapter_tensors(data)), model, x)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,3 +51,26 @@ def run_identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     yield
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[tuple[Any, str]]:
+    """A registry serving on loopback (gRPC), and its address; stopped afterwards."""
+    from fedge.edge.registry import Registry, start
+
+    reg = Registry(tmp_path / "registry")
+    server, port = start(reg, "127.0.0.1", 0, workers=16)
+    yield reg, f"127.0.0.1:{port}"
+    reg.stop()
+    server.stop(grace=0.5).wait()
+
+
+@pytest.fixture
+def device(tmp_path: Path, registry: tuple[Any, str]) -> Iterator[Any]:
+    """A started agent (labelled local data, default precisions) on the test's registry; stopped afterwards."""
+    from _edge_support import make_agent
+
+    reg, address = registry
+    agent = make_agent(tmp_path, address, reg)
+    yield agent
+    agent.stop()

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +12,20 @@ from _edge_support import (
     base_onnx,
     bundle,
     damaged_int8,
+    deploy,
+    events,
     fp16_of,
     int8_of,
+    make_agent,
     onnx_variant,
     reference_of,
+    serve_first,
+    served_format,
     target_data,
-    to_npz,
     wait_until,
 )
 
-from fedge.edge.agent import AgentConfig, EdgeAgent
-from fedge.edge.artifacts import BundleFile, generate_key, make_manifest, sign_manifest
+from fedge.edge.artifacts import generate_key, make_manifest, sign_manifest
 from fedge.edge.registry import Registry, start
 from fedge.edge.runtime import OnnxRuntimeModel
 from fedge.protos import edge_pb2
@@ -34,64 +35,6 @@ from fedge.server.certs import create_credentials
 @pytest.fixture(scope="module")
 def models() -> dict[str, bytes]:
     return {"v1": base_onnx(), "v2": onnx_variant("shifted"), "collapsed": onnx_variant("collapsed")}
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[tuple[Registry, str]]:
-    reg = Registry(tmp_path / "registry")
-    server, port = start(reg, "127.0.0.1", 0, workers=16)
-    yield reg, f"127.0.0.1:{port}"
-    reg.stop()
-    server.stop(grace=0.5).wait()
-
-
-@pytest.fixture
-def device(tmp_path: Path, registry: tuple[Registry, str]) -> Iterator[EdgeAgent]:
-    """A started agent (labelled local data, default precisions) on the test's registry; stopped afterwards."""
-    reg, address = registry
-    agent = make_agent(tmp_path, address, reg)
-    yield agent
-    agent.stop()
-
-
-def make_agent(tmp_path: Path, address: str, reg: Registry, name: str = "cam-0", labels: bool | None = True,
-               **options: object) -> EdgeAgent:
-    """An agent on its own thread set (`labels`: labelled local data, unlabelled, or None: no data at all)."""
-    data_path = None
-    if labels is not None:
-        data_path = tmp_path / f"{name}.npz"
-        to_npz(data_path, target_data(), labels=labels)
-    public = tmp_path / "registry.pub.pem"
-    public.write_bytes(reg.public_key_pem)
-    config = AgentConfig(registry=address, device_id=name, workdir=tmp_path / name, public_key=public, data=data_path,
-                         report_interval_s=0.2, **options)  # type: ignore[arg-type]
-    agent = EdgeAgent(config)
-    agent.start()
-    return agent
-
-
-def deploy(reg: Registry, agent: EdgeAgent, formats: dict[str, BundleFile]) -> str:
-    """Publish a version and wait until `agent` serves it; the format it chose."""
-    version = reg.publish(formats)
-    wait_until(lambda: agent.serving_version == version, what=f"v{version} to serve")
-    return served_format(agent)
-
-
-def serve_first(reg: Registry, agent: EdgeAgent, model: bytes) -> None:
-    """Publish `model` (fp32) as v1 and wait until `agent` serves it."""
-    assert deploy(reg, agent, bundle(fp32=model)) == "fp32" and agent.serving_version == 1
-
-
-def served_format(agent: EdgeAgent) -> str:
-    """Which format of its version the device serves ("" before it serves any)."""
-    served = agent.serving.served
-    return served.format if served else ""
-
-
-def events(reg: Registry) -> list[dict]:
-    path = reg.workdir / "telemetry.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [e for line in lines for e in json.loads(line).get("events", [])]
 
 
 def test_agents_receive_and_serve_a_deployment(tmp_path: Path, registry, models) -> None:  # type: ignore[no-untyped-def]

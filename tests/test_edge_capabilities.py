@@ -102,6 +102,7 @@ def test_a_manifest_names_every_format_and_refuses_what_a_device_could_not_use()
         ({"a/b": BundleFile(b"a")}, "plain name"),
         ({"plan": BundleFile(b"a", "tensorrt", "fp16")}, "device class"),
         ({"fp32": BundleFile(b"a", "onnx-weights")}, "weight-only"),
+        ({"fp32-adapter": BundleFile(b"a", "onnx-adapter")}, "adapter update needs"),
         ({"reference": BundleFile(b"r", "reference", "")}, "at least one model"),
     ]
     for formats, reason in bad:

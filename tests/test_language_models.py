@@ -171,7 +171,6 @@ def test_load_in_4bit_is_refused_on_a_cpu() -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--scenario", "stdlib-code", "--edge-devices", "2"], "causal-lm text model to edge agents is not available yet"),
     (["--scenario", "stdlib-code", "--methods", "pfedgate"], "pfedgate cannot run on scenario 'stdlib-code'"),
     (["--scenario", "stdlib-code", "--load-in-4bit"], "needs a CUDA GPU"),
     (["--model", "x", "--scenario", "digits-shift"], "--model builds scenario hf"),
@@ -184,6 +183,19 @@ def test_fedge_run_refuses_what_it_cannot_do_before_anything_runs(tmp_path: Path
     result = CliRunner().invoke(app, ["run", *args, "--out", str(tmp_path)], env={"COLUMNS": "400"})
     assert result.exit_code == 2
     assert message in " ".join(result.output.replace("│", " ").split())
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_a_text_classifier_is_not_sent_to_edge_agents(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedge.cli import app
+
+    args = ["--model", str(tiny["model"]), "--task", "classification", "--data", str(tiny["data"]), "--edge-devices",
+            "2", "--clients", "2", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, ["run", *args], env={"COLUMNS": "400"})
+    assert result.exit_code == 2
+    assert "not classification of text" in " ".join(result.output.replace("│", " ").split())
     assert not (tmp_path / "results.json").exists()
 
 

@@ -5,6 +5,9 @@ registry key) or sha256 does not verify, and checks the signature before
 downloading anything; of each version it serves the smallest format its
 capabilities allow that passes the canary and agrees with fp32 on this device
 (`acceptance`), falling back in order, and refuses the version when none does;
+a device serving an unmerged graph takes the next version as an adapter update
+(`fedge.edge.adapters`: the coded change of the adapter, applied without a new
+download of the base, and checked against the signed whole result);
 the swap is one reference assignment, so a request sees either the old model
 or the new one; the last good model stays loaded for rollback; downloads resume
 from the bytes already on disk after a crash; after a restart it serves the
@@ -26,7 +29,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from fedge.edge.agent.acceptance import Acceptance, FormatCheck, NoFormatAccepted, refusal_reason
+from fedge.edge.adapters.delta import adapter_tensors, apply_adapter_update
+from fedge.edge.adapters.serving import MODES, load_adapter_model
+from fedge.edge.agent.acceptance import Acceptance, FormatCheck, NoFormatAccepted, refusal_reason, takes_adapters
 from fedge.edge.agent.canary import Canary
 from fedge.edge.agent.fetch import DownloadIncomplete, Fetcher
 from fedge.edge.agent.serving import Served, Serving
@@ -34,6 +39,7 @@ from fedge.edge.agent.store import AgentStore, artifact_key, notice_key
 from fedge.edge.agent.telemetry import Reporter, sample_batch
 from fedge.edge.agreement import Thresholds
 from fedge.edge.artifacts import (
+    ADAPTER_KIND,
     PRECISIONS,
     WEIGHTS_KIND,
     ArtifactError,
@@ -76,6 +82,8 @@ class AgentConfig:
     report_interval_s: float = 1.0
     max_fetch_attempts: int = 5
     root_certificates: Path | None = None  # the registry's CA (PEM): TLS; None: plaintext
+    adapter_updates: bool = True      # serve unmerged graphs first, so later versions arrive as adapter updates
+    adapter_mode: str = "auto"        # an unmerged graph on ONNX Runtime: auto (measured here), unmerged or merged
 
 
 class EdgeAgent:
@@ -88,6 +96,8 @@ class EdgeAgent:
         self.runtime = choose_runtime(config.runtime)
         self.capabilities = _capabilities(self.runtime)
         self.precisions = _precisions(config.precisions, self.runtime, self.capabilities)
+        if config.adapter_mode not in MODES:
+            raise ValueError(f"adapter_mode must be one of {MODES}, not {config.adapter_mode!r}")
         self.x, self.y = _load_data(config.data)
         self.rejected: dict[int, str] = {}  # last refusal reason per version (reported, and for operators)
         self.checks: dict[int, tuple[FormatCheck, ...]] = {}  # each version's format checks on this device
@@ -97,7 +107,7 @@ class EdgeAgent:
         self.acceptance = Acceptance(
             self.precisions, self.canary, Thresholds(config.min_agreement, config.max_logit_diff),
             obtain=self._obtain, load=self._load, load_reference=self._load_reference, runtime=self.runtime,
-            device_class=self.capabilities.gpu)
+            device_class=self.capabilities.gpu, adapter_updates=config.adapter_updates)
         self.channel = open_channel(config.registry, config.root_certificates)
         self.stub = edge_pb2_grpc.EdgeRegistryStub(self.channel)
         self.fetcher = Fetcher(self.stub, config.device_id, self.workdir / "downloads", chunk_size=config.chunk_size,
@@ -186,8 +196,12 @@ class EdgeAgent:
         self.serving.swap(Served(manifest.version, manifest, accepted.format, accepted.model, accepted.canary_accuracy))
         self.store.prune(self.serving.kept_versions())
         chosen = accepted.checks[-1]
-        self.reporter.event(manifest.version, "deployed", "", chosen.format, chosen.agreement, chosen.reference)
-        log.info("%s: serving v%d %s (%s)", self.config.device_id, manifest.version, accepted.format, self.runtime)
+        mode, cost = getattr(accepted.model, "adapter_mode", ""), getattr(accepted.model, "unmerged_cost", None)
+        self.reporter.event(manifest.version, "deployed", "", chosen.format, chosen.agreement, chosen.reference,
+                            bytes_fetched=self.fetcher.fetched.get(manifest.version, 0), adapter_mode=mode,
+                            unmerged_cost=cost or 0.0)
+        log.info("%s: serving v%d %s (%s%s)", self.config.device_id, manifest.version, accepted.format, self.runtime,
+                 f", adapter {mode}" + (f": unmerged costs {cost:.2f}x merged here" if cost else "") if mode else "")
         return "deployed"
 
     def _report_checks(self, version: int, checks: tuple[FormatCheck, ...]) -> None:
@@ -201,20 +215,24 @@ class EdgeAgent:
                 log.warning("%s: v%d %s refused: %s", self.config.device_id, version, check.format, check.reason)
 
     def _obtain(self, manifest: Manifest, fmt: str) -> bytes:
-        """A format's verified bytes; for a weight-only update, the whole model after applying it."""
+        """A format's verified bytes; for an update, the whole model after applying it."""
         data = self.fetcher.download(manifest, fmt)
-        if manifest.formats[fmt].kind == WEIGHTS_KIND:
-            data = self._apply_weight_update(manifest, fmt, data)
+        if manifest.formats[fmt].is_update:
+            data = self._apply_update(manifest, fmt, data)
         return data
 
     def _load(self, manifest: Manifest, fmt: str, data: bytes) -> Model:
-        """A format on this device's runtime; a weight update on TensorRT refits a copy of the serving engine."""
+        """A format on this device's runtime. A weight update on TensorRT refits a copy of the serving engine; an
+        adapter update gives the serving base its new adapter (no new download, and unmerged no new session)."""
         entry = manifest.formats[fmt]
         served = self.serving.served
-        refit = getattr(served.model, "with_weights", None) if served else None
-        if entry.kind == WEIGHTS_KIND and callable(refit):
-            model: Model = refit(data)
+        update = {WEIGHTS_KIND: "with_weights", ADAPTER_KIND: "with_adapter"}.get(entry.kind, "")
+        apply = getattr(served.model, update, None) if served and update else None
+        if callable(apply):
+            model: Model = apply(adapter_tensors(data) if entry.kind == ADAPTER_KIND else data)
             return model
+        if takes_adapters(entry):  # an unmerged graph, or one an adapter update built (after a restart)
+            return load_adapter_model(data, self.runtime, self.config.threads, self.config.adapter_mode)
         kind = "tensorrt" if entry.kind == "tensorrt" else "onnx"
         return load_model(data, self.runtime, self.config.threads, entry.precision, kind)
 
@@ -222,24 +240,32 @@ class EdgeAgent:
         """fp32 ONNX on ONNX Runtime's CPU provider: the reference every format here is compared with."""
         return OnnxRuntimeModel(data, "onnxruntime-cpu", self.config.threads)
 
-    def _apply_weight_update(self, manifest: Manifest, fmt: str, payload: bytes) -> bytes:
-        """Rebuild the whole model from the serving one plus changed weights; it must hash to the signed target."""
+    def _apply_update(self, manifest: Manifest, fmt: str, payload: bytes) -> bytes:
+        """Rebuild the whole model from the serving one plus the update (changed weights, or the coded change of the
+        adapter); it must hash to the signed target."""
         from fedge.edge.weights import apply_initializers, decode_weights
 
         served = self.serving.served
-        meta = manifest.formats[fmt].metadata
-        base_version = int(meta["base_version"])
+        entry = manifest.formats[fmt]
+        base_version = int(entry.metadata["base_version"])
         if served is None or served.version != base_version:
             raise ArtifactError(f"update is against v{base_version}, this device serves v{self.serving_version}")
-        if served.manifest.formats[served.format].model_sha256 != meta["base_sha256"]:
+        if served.manifest.formats[served.format].model_sha256 != entry.metadata["base_sha256"]:
             raise ArtifactError(f"update's base sha256 differs from the served {served.format} model's")
-        data = apply_initializers(self.store.model_bytes(served.manifest, served.format), decode_weights(payload))
+        base = self.store.model_bytes(served.manifest, served.format)
+        if entry.kind == ADAPTER_KIND:
+            try:
+                data = apply_adapter_update(base, payload)
+            except ValueError as err:  # the envelope's refusal (EnvelopeError, with its reason), or another adapter
+                raise ArtifactError(f"adapter update does not apply: {err}") from err
+        else:
+            data = apply_initializers(base, decode_weights(payload))
         verify_model(data, manifest, fmt)
         return data
 
     def _reject(self, version: int, reason: str) -> None:
         self.rejected[version] = reason
-        self.reporter.event(version, "rejected", reason)
+        self.reporter.event(version, "rejected", reason, bytes_fetched=self.fetcher.fetched.get(version, 0))
         log.warning("%s: refused v%d, still serving v%d: %s", self.config.device_id, version, self.serving_version, reason)
 
     # ---- registry conversation ------------------------------------------------------------------------

@@ -2,9 +2,12 @@
 
 Candidates are the version's formats whose precision the device takes, in its
 order (smallest first); within a precision an engine plan built for this device
-class comes first, then a weight-only update against the model it serves, then
-the ONNX. Each candidate is downloaded, loaded on the device's runtime and run
-on the canary inputs: it must pass the canary (`canary.Canary`) and agree with
+class comes first, then an update (weight-only or adapter) against the model it
+serves, then the ONNX. A device that takes adapter updates puts the formats they
+apply to first, whatever their precision: an adapter update against what it
+serves, then the unmerged graph (`fedge.edge.adapters`), so later versions cost
+it a coded adapter change instead of a whole model. Each candidate is
+downloaded, loaded on the device's runtime and run on the canary inputs: it must pass the canary (`canary.Canary`) and agree with
 fp32 (`fedge.edge.agreement.Thresholds`). The fp32 reference is this version's
 fp32 model run here by ONNX Runtime on the CPU on the device's own inputs
 (labels not needed; quantization error depends on the inputs and on this CPU's
@@ -22,16 +25,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedge.edge.adapters.delta import ADAPTER_META
 from fedge.edge.agent.canary import Canary, CanaryError
 from fedge.edge.agent.fetch import DownloadIncomplete
 from fedge.edge.agent.serving import Served
 from fedge.edge.agreement import Agreement, Thresholds, agreement, read_reference_set
-from fedge.edge.artifacts import REFERENCE, WEIGHTS_KIND, ArtifactError, ArtifactFile, Manifest
+from fedge.edge.artifacts import ADAPTER_KIND, REFERENCE, UPDATE_KINDS, ArtifactError, ArtifactFile, Manifest
 from fedge.edge.runtime import Model
 
 DEVICE_INPUTS, REFERENCE_SET, IS_REFERENCE = "device inputs", "reference set", "is the reference"
-#: Within one precision: a plan needs no build, a weight update is a small download, the ONNX comes last.
-_KIND_ORDER = {"tensorrt": 0, WEIGHTS_KIND: 1, "onnx": 2}
+#: Within one precision: a plan needs no build, an update is a small download, the ONNX comes last.
+_KIND_ORDER = {"tensorrt": 0, **{kind: 1 for kind in UPDATE_KINDS}, "onnx": 2}
+
+
+def takes_adapters(entry: ArtifactFile) -> bool:
+    """An unmerged graph (adapter updates apply to it) or an adapter update."""
+    return entry.kind == ADAPTER_KIND or ADAPTER_META in entry.metadata
 
 #: A format's verified bytes (for a weight-only update: the whole model after applying it).
 Obtain = Callable[[Manifest, str], bytes]
@@ -93,8 +102,10 @@ class Acceptance:
     """Chooses, loads and checks the format of each new version for one device."""
 
     def __init__(self, precisions: tuple[str, ...], canary: Canary, thresholds: Thresholds, *, obtain: Obtain,
-                 load: Load, load_reference: LoadReference, runtime: str, device_class: str = "") -> None:
+                 load: Load, load_reference: LoadReference, runtime: str, device_class: str = "",
+                 adapter_updates: bool = True) -> None:
         self.precisions = precisions
+        self.adapter_updates = adapter_updates
         self.canary = canary
         self.thresholds = thresholds
         self._obtain, self._load, self._load_reference = obtain, load, load_reference
@@ -103,15 +114,19 @@ class Acceptance:
 
     def candidates(self, manifest: Manifest, served: Served | None) -> list[str]:
         """The version's formats this device may serve, in the order it tries them."""
-        usable = [(self.precisions.index(f.precision), _KIND_ORDER[f.kind], name)
-                  for name, f in manifest.models().items()
+        usable = [(*self._order(f), name) for name, f in manifest.models().items()
                   if f.precision in self.precisions and self._can_serve(f, served)]
         return [name for *_, name in sorted(usable)]
+
+    def _order(self, entry: ArtifactFile) -> tuple[int, int, int]:
+        adapters_first = 0 if self.adapter_updates and takes_adapters(entry) else 1
+        precision = self.precisions.index(entry.precision) if entry.precision in self.precisions else len(self.precisions)
+        return adapters_first, precision, _KIND_ORDER[entry.kind]
 
     def _can_serve(self, entry: ArtifactFile, served: Served | None) -> bool:
         if entry.kind == "tensorrt":
             return self.runtime == "tensorrt" and entry.metadata.get("device_class") == self.device_class
-        if entry.kind == WEIGHTS_KIND:  # only against the very model this device serves
+        if entry.is_update:  # only against the very model this device serves
             return served is not None and int(entry.metadata["base_version"]) == served.version and \
                 entry.metadata["base_sha256"] == served.manifest.formats[served.format].model_sha256
         return True
@@ -124,7 +139,7 @@ class Acceptance:
         names = self.candidates(manifest, served)
         if not names:
             raise NoFormatAccepted(f"it has {', '.join(sorted(manifest.models()))}; this device takes "
-                                   f"{', '.join(self.precisions)} (weight updates only against what it serves)", ())
+                                   f"{', '.join(self.precisions)} (updates apply only to what it serves)", ())
         checks: list[FormatCheck] = []
         reference = _LazyReference(self, manifest, served)
         for name in names:
@@ -142,12 +157,14 @@ class Acceptance:
 
     def _check(self, manifest: Manifest, name: str, served: Served | None, reference: _LazyReference) -> Accepted:
         ref = reference.get(name)
-        if ref is not None and ref.fp32_format == name and ref.fp32_model is not None and \
-                self.runtime == "onnxruntime-cpu":  # the reference model is what this device would serve
+        own = ref is not None and ref.fp32_format == name  # this candidate is the fp32 the reference came from
+        if own and ref is not None and ref.fp32_model is not None and self.runtime == "onnxruntime-cpu" and \
+                not takes_adapters(manifest.formats[name]):  # the reference model is what this device would serve
             accuracy = self.canary.check(ref.fp32_model, served, ref.logits)
             return Accepted(name, ref.fp32_model, ref.fp32_data, accuracy, (FormatCheck(name, True, "", None,
                                                                                           IS_REFERENCE),))
-        data = self._obtain(manifest, name)
+        # an unmerged graph serves through its adapter path (unmerged or merged here): checked against the plain graph
+        data = ref.fp32_data if own and ref is not None else self._obtain(manifest, name)
         model = self._load(manifest, name, data)
         inputs = self.canary.inputs
         out = model.predict(inputs) if inputs is not None else None
@@ -166,10 +183,11 @@ class Acceptance:
         return Accepted(name, model, data, accuracy, (FormatCheck(name, True, "", result, ref.source),))
 
     def fp32_source(self, manifest: Manifest, served: Served | None) -> str:
-        """This version's fp32 ONNX (or fp32 weight update) this device can run as the reference ("" if none)."""
-        usable = sorted((_KIND_ORDER[f.kind], name) for name, f in manifest.models().items()
+        """This version's fp32 ONNX (or fp32 update) this device can run as the reference ("" if none); of several, the
+        one it would serve first."""
+        usable = sorted((*self._order(f), name) for name, f in manifest.models().items()
                         if f.precision == "fp32" and f.kind != "tensorrt" and self._can_serve(f, served))
-        return usable[0][1] if usable else ""
+        return usable[0][-1] if usable else ""
 
     def reference(self, manifest: Manifest, served: Served | None) -> _Reference | None:
         """fp32 on the device's own inputs, else the registry's reference set, else None."""

@@ -38,6 +38,7 @@ class Fetcher:
         self.chunk_delay_s = chunk_delay_s  # throttle (a slow link, for tests and demos)
         self.max_attempts = max_attempts
         self._stop = stop
+        self.fetched: dict[int, int] = {}  # bytes received per version, every format and attempt (what the link carried)
 
     def download(self, manifest: Manifest, fmt: str) -> bytes:
         """Fetch format `fmt` of the version in chunks into `<sha256>.partial`, resuming from its size; retry on a
@@ -61,6 +62,7 @@ class Fetcher:
                         fh.write(chunk.data)
                         fh.flush()
                         offset += len(chunk.data)
+                        self.fetched[manifest.version] = self.fetched.get(manifest.version, 0) + len(chunk.data)
                         if self._stop.is_set():
                             raise ArtifactError("agent stopping")
                         if self.chunk_delay_s:

@@ -37,10 +37,13 @@ class Reporter:
         self._report_now = threading.Event()
 
     def event(self, version: int, status: str, reason: str = "", fmt: str = "", agreement: Agreement | None = None,
-              reference: str = "") -> None:
-        """Record a deployment event (about one format, with its agreement with fp32 where measured) and report it
-        without waiting for the next interval."""
-        message = edge_pb2.DeploymentEvent(version=version, status=status, reason=reason, format=fmt)
+              reference: str = "", *, bytes_fetched: int = 0, adapter_mode: str = "", unmerged_cost: float = 0.0) -> None:
+        """Record a deployment event (about one format, with its agreement with fp32 where measured; the bytes the
+        device downloaded of the version; how it serves an unmerged graph) and report it without waiting for the
+        next interval."""
+        message = edge_pb2.DeploymentEvent(version=version, status=status, reason=reason, format=fmt,
+                                           bytes_fetched=bytes_fetched, adapter_mode=adapter_mode,
+                                           unmerged_cost=unmerged_cost)
         if agreement is not None:
             message.agreement.CopyFrom(edge_pb2.Agreement(
                 samples=agreement.samples, top1=agreement.top1, max_logit_diff=agreement.max_logit_diff,
