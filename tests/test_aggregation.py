@@ -128,7 +128,7 @@ def test_an_infinity_inside_a_compact_payload_is_refused_as_non_finite():
     update = _update(0)
     poisoned = {k: v.copy() for k, v in update.items()}
     poisoned["a.lora_A.weight"][0, 0] = np.inf  # the largest entry: every sparse codec keeps it
-    for codec in ("flasc", "q8"):
+    for codec in ("flasc", "q8", "fedzip"):
         envelope, _ = encode_update(poisoned, build_codec(codec), check_finite=False)
         with pytest.raises(EnvelopeError) as caught:
             StreamingMean(update, 1 << 20).add(envelope, 1.0)
