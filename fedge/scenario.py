@@ -44,7 +44,8 @@ class ClientData:
 class Scenario(Protocol):
     """What every scenario has. Text scenarios also have `tokenizer()` (a Hugging Face tokenizer); a scenario
     whose model gets a new head also names it in `modules_to_save` (trained and exchanged whole beside LoRA);
-    one built on a model the user keeps elsewhere names it in `base_reference` (a local path or hub id)."""
+    one built on a model the user keeps elsewhere names it in `base_reference` (a local path or hub id); one whose
+    data is meant for a number of local epochs per round names it in `local_epochs` (`fedge run`'s default)."""
 
     name: str
     #: a name for the base model's architecture (recorded in results and artifacts)
@@ -87,6 +88,13 @@ def _load(name: str, options: tuple[tuple[str, Any], ...]) -> Scenario:
 def load_scenario(name: str, **options: Any) -> Scenario:
     """Instantiate a scenario by name (cached per process, since data prep is not free)."""
     return _load(name, tuple(sorted(options.items())))
+
+
+def default_local_epochs(name: str) -> int | None:
+    """The local epochs per round a scenario's data is meant for (a `local_epochs` attribute of its class), if it
+    names them: `fedge run` uses them unless told otherwise."""
+    value = getattr(SCENARIOS.get(name), "local_epochs", None)
+    return int(value) if value else None
 
 
 def scenario_options(settings: RunSettings) -> dict[str, Any]:

@@ -98,7 +98,8 @@ def run(
     lora_targets: Annotated[str, typer.Option(
         help="comma-separated modules LoRA goes into (default: the scenario's; peft's defaults for --model)")] = "",
     load_in_4bit: Annotated[bool, typer.Option(help="QLoRA: load the base in 4-bit NF4 (bitsandbytes, CUDA only)")] = False,
-    local_epochs: Annotated[int | None, typer.Option(min=1, help="local epochs per round (default 3; --quick 2)")] = None,
+    local_epochs: Annotated[int | None, typer.Option(
+        min=1, help="local epochs per round (default: the scenario's own, else 3; --quick 2)")] = None,
     lr: Annotated[float, typer.Option(help="local learning rate (0: each method's default)")] = 0.0,
     lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank of every adapted layer")] = _DEFAULTS.lora_rank,
     lora_alpha: Annotated[int, typer.Option(min=1, help="LoRA alpha (updates are scaled by alpha / rank)")] = _DEFAULTS.lora_alpha,
@@ -110,7 +111,7 @@ def run(
         help="downloads: auto (the method's own codec where it has one), dense, or a codec name")] = "auto",
     out: Annotated[Path, typer.Option(help="output folder: results.json, the plot, checkpoints, the edge fleet's state; "
                                       "an earlier run's outputs there are replaced")] = Path("fedge-out"),
-    quick: Annotated[bool, typer.Option(help="a small run (5 rounds, 6 clients, 2 local epochs, unless given) "
+    quick: Annotated[bool, typer.Option(help="a small run (5 rounds, 6 clients, 2 local epochs or the scenario's own, unless given) "
                                         "that takes a few minutes on 2 CPU cores")] = False,
     resume: Annotated[bool, typer.Option(help="continue from the checkpoints in OUT/checkpoints instead of starting over")] = False,
     run_config: Annotated[list[str] | None, typer.Option(
@@ -124,6 +125,7 @@ def run(
     """Run federations of the given methods on a scenario, with Flower's simulation runtime, then deploy to the edge."""
     from fedge.methods import available_methods
     from fedge.outputs import EDGE, check_out_dir, clear_previous_run
+    from fedge.scenario import default_local_epochs
     from fedge.results import RESULTS_FILE, combine_seeds, final_table, method_results, plot_results, write_results
     from fedge.sim.resources import PeakMemory
     from fedge.training import resolve_device
@@ -136,16 +138,21 @@ def run(
     if model and scenario not in (None, "hf"):
         raise typer.BadParameter(f"--model builds scenario hf; it does not go with --scenario {scenario}",
                                  param_hint="--scenario")
+    scenario = scenario or ("hf" if model else "digits-shift")
+    try:
+        scenario_epochs = default_local_epochs(scenario)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--scenario") from err
     rounds = rounds or (5 if quick else 10)
     clients = clients or (6 if quick else 8)
-    local_epochs = local_epochs or (2 if quick else 3)
+    local_epochs = local_epochs or scenario_epochs or (2 if quick else 3)
     if clients_per_round > clients:
         raise typer.BadParameter(f"{clients_per_round} is more than --clients {clients}", param_hint="--clients-per-round")
     seed_list = parse_seeds(seeds, seed)
     out = check_out_dir(out)
     resolve_device(device)
     common = {"num-server-rounds": rounds, "num-clients": clients, "clients-per-round": clients_per_round,
-              "alpha": alpha, "scenario": scenario or ("hf" if model else "digits-shift"), "model": model,
+              "alpha": alpha, "scenario": scenario, "model": model,
               "task": task, "data": data, "text-column": text_column, "label-column": label_column,
               "partition": partition, "max-length": max_length, "lora-targets": lora_targets,
               "load-in-4bit": load_in_4bit, "local-epochs": local_epochs, "lr": lr, "lora-rank": lora_rank,

@@ -90,9 +90,15 @@ class StdlibCode:
     task = "causal-lm"
     #: LoRA on the attention and MLP projections of every layer
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    #: each round passes over a client's sequences once: more distinct text beats more passes over less. Measured
+    #: with `fedge run --scenario stdlib-code --quick` (seed 0; held-out perplexity, base 51.33): 96 sequences for 2
+    #: epochs 47.40 (lora-fedavg), 192 for 2 epochs 46.02, 288 for 1 epoch 45.13 in about the same time, and
+    #: fedzip 50.01, 50.15 and 47.32: a second pass over a package's few files overfits them, most of all once an
+    #: update is compressed.
+    local_epochs = 1
 
     def __init__(self, seed: int = 0, max_length: int = 128, load_in_4bit: bool = False,
-                 train_sequences: int = 96, test_sequences: int = 32, test_fraction: float = 0.25,
+                 train_sequences: int = 288, test_sequences: int = 32, test_fraction: float = 0.25,
                  recipe: BaseRecipe | None = None) -> None:
         if max_length < 8:
             raise ValueError(f"max-length {max_length} is too short for a sequence of code")

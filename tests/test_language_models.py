@@ -268,3 +268,12 @@ def test_an_adapted_causal_lm_deploys_to_two_agents_that_score_its_next_tokens(t
         x = pack_tokens(ids[shards[name]].numpy(), mask[shards[name]].numpy())
         rows, labels = scored(x, run_causal_lm_onnx(served, x[:, 0], x[:, 1]))
         assert device["accuracy"] == pytest.approx(float((rows.argmax(1) == labels).mean()), abs=1e-9)
+
+
+def test_a_scenario_names_the_local_epochs_its_data_is_meant_for() -> None:
+    from fedge.scenario import default_local_epochs
+
+    assert default_local_epochs("stdlib-code") == 1  # one pass over a package's sequences per round
+    assert default_local_epochs("digits-shift") is None  # fedge run's own default then
+    with pytest.raises(ValueError, match="unknown scenario"):
+        default_local_epochs("no-such-scenario")
